@@ -2,3 +2,4 @@
 //! into private networks. One library, two roles; `main.rs` only picks the role.
 
 pub mod messages;
+pub mod tunnel;
