@@ -1,0 +1,179 @@
+//! Starting and stopping the agent: turns a validated config.ini into the actor tree.
+
+use std::time::Duration;
+
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef};
+use tokio::task::JoinHandle;
+
+use super::dialer::{DialerLimits, TargetSpec, TargetTls};
+use super::session::HubEndpoint;
+use super::supervisor::{AgentSupervisor, AgentSupervisorArgs, AgentSupervisorMsg, SessionTemplate};
+use crate::config::agent::{AgentConfig, TlsMode};
+use crate::messages::agent::{SessionMsg, SessionStatus};
+use crate::tunnel;
+
+/// Why the agent could not start. Each names the config.ini key involved.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{file}: hub = {url}: {why}")]
+    HubUrl {
+        file: String,
+        url: String,
+        why: String,
+    },
+    #[error("{file}: hub_ca: {source}")]
+    HubCa {
+        file: String,
+        source: crate::net::NetError,
+    },
+    #[error("{file}: state_dir {dir} is not writable: {source} (create it and give the agent's user write access)")]
+    StateDir {
+        file: String,
+        dir: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: proxy is set, but this build does not dial through a proxy yet; remove the proxy line or allow direct outbound 443 to the hub")]
+    ProxyUnsupported { file: String },
+    #[error("cannot start the agent's actors: {0}")]
+    Spawn(String),
+}
+
+/// A running agent.
+pub struct AgentHandle {
+    supervisor: ActorRef<AgentSupervisorMsg>,
+    join: JoinHandle<()>,
+}
+
+impl AgentHandle {
+    async fn session(&self) -> Option<ActorRef<SessionMsg>> {
+        match self
+            .supervisor
+            .call(AgentSupervisorMsg::CurrentSession, Some(Duration::from_secs(2)))
+            .await
+        {
+            Ok(CallResult::Success(session)) => session,
+            _ => None,
+        }
+    }
+
+    /// The session's view of the tunnel, when a session is running.
+    pub async fn status(&self) -> Option<SessionStatus> {
+        let session = self.session().await?;
+        match session
+            .call(SessionMsg::State, Some(Duration::from_secs(2)))
+            .await
+        {
+            Ok(CallResult::Success(status)) => Some(status),
+            _ => None,
+        }
+    }
+
+    /// Says goodbye to the hub, then stops every actor.
+    pub async fn shutdown(self) {
+        if let Some(session) = self.session().await {
+            let _ = session
+                .call(SessionMsg::Shutdown, Some(Duration::from_secs(5)))
+                .await;
+        }
+        self.supervisor.stop(None);
+        let _ = self.join.await;
+    }
+
+    /// Waits until the agent's tree stops.
+    pub async fn wait(self) {
+        let _ = self.join.await;
+    }
+}
+
+/// Parses the `hub` URL into what the session dials.
+pub fn hub_endpoint(config: &AgentConfig) -> Result<HubEndpoint, AgentError> {
+    let file = config.path.display().to_string();
+    let bad = |why: &str| AgentError::HubUrl {
+        file: file.clone(),
+        url: config.hub.clone(),
+        why: why.to_string(),
+    };
+    let uri: http::Uri = config
+        .hub
+        .parse()
+        .map_err(|_| bad("not a URL (expected wss://host[:port]/v1/connect)"))?;
+    if uri.scheme_str() != Some("wss") {
+        return Err(bad("the hub is reached over wss:// only"));
+    }
+    let host = uri.host().ok_or_else(|| bad("no host"))?.to_string();
+    let port = uri.port_u16().unwrap_or(443);
+    let tls = crate::net::hub_client_config(config.hub_ca.as_deref()).map_err(|source| {
+        AgentError::HubCa {
+            file: file.clone(),
+            source,
+        }
+    })?;
+    Ok(HubEndpoint {
+        url: config.hub.clone(),
+        host,
+        port,
+        tls,
+    })
+}
+
+/// The dialer's view of a declared target.
+pub fn target_spec(target: &crate::config::agent::TargetConfig) -> TargetSpec {
+    TargetSpec {
+        name: target.name.clone(),
+        addr: target.addr.clone(),
+        tls: match target.tls {
+            TlsMode::FromScheme => TargetTls::FromScheme,
+            TlsMode::Always => TargetTls::Always,
+            TlsMode::Never => TargetTls::Never,
+        },
+        insecure_allow_skip_tls_check: target.insecure_allow_skip_tls_check,
+        extra_roots: Vec::new(),
+    }
+}
+
+/// Checks the state directory and starts the agent's actor tree.
+pub async fn start(config: &AgentConfig) -> Result<AgentHandle, AgentError> {
+    let file = config.path.display().to_string();
+    if config.proxy.is_some() {
+        return Err(AgentError::ProxyUnsupported { file });
+    }
+    let hub = hub_endpoint(config)?;
+    check_state_dir(config).map_err(|source| AgentError::StateDir {
+        file: file.clone(),
+        dir: config.state_dir.display().to_string(),
+        source,
+    })?;
+    let service_id = config.service_id.expose();
+    let agent_name = config.agent_name.clone().unwrap_or_else(host_name);
+    let args = AgentSupervisorArgs {
+        targets: config.targets.values().map(target_spec).collect(),
+        limits: DialerLimits::default(),
+        session: SessionTemplate {
+            hub,
+            lookup_hash: tunnel::lookup_hash(service_id),
+            psk: tunnel::service_psk(service_id),
+            agent_name,
+        },
+    };
+    let (supervisor, join) = Actor::spawn(None, AgentSupervisor, args)
+        .await
+        .map_err(|e| AgentError::Spawn(e.to_string()))?;
+    Ok(AgentHandle { supervisor, join })
+}
+
+fn check_state_dir(config: &AgentConfig) -> std::io::Result<()> {
+    std::fs::create_dir_all(&config.state_dir)?;
+    let probe = config.state_dir.join(".write-test");
+    std::fs::write(&probe, b"")?;
+    std::fs::remove_file(&probe)
+}
+
+/// The machine's host name, the default agent name shown to administrators.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "agent".into())
+}

@@ -1,0 +1,295 @@
+//! AgentSession: the hub's end of one agent's tunnel. Runs the key exchange (as responder),
+//! registers the agent and its targets, sends it requests with fresh ids and matches the
+//! responses, and notices when the agent goes silent.
+//!
+//! Every request it accepted is answered exactly once: by the agent, by the hub's own deadline,
+//! or with a tunnel error when the session ends.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tracing::{debug, info, warn};
+
+use crate::actors::key_exchange::{KeyExchange, KeyExchangeArgs, KeyExchangeMsg, Role};
+use crate::messages::hub::{AgentEntry, AgentSessionMsg, RegistryMsg, TunnelReply};
+use crate::messages::{ForwardRequest, Frame, LinkEvent, PROTOCOL_VERSION};
+use crate::net::link::Link;
+use crate::net::Ws;
+use crate::scim::transport::TransportError;
+
+/// How often the hub pings an agent.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// Silence after which an agent is considered dead.
+pub const DEAD_AFTER: Duration = Duration::from_secs(15);
+/// Time allowed for the handshake and the agent's hello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Extra time the hub waits beyond the agent's own per-request deadline.
+const REQUEST_SLACK: Duration = Duration::from_secs(2);
+
+/// What an AgentSession starts from.
+pub struct AgentSessionArgs {
+    pub ws: Ws,
+    pub service: String,
+    pub psk: [u8; 32],
+    pub prologue: Vec<u8>,
+    pub peer: String,
+    pub session_id: u64,
+    pub registry: ActorRef<RegistryMsg>,
+}
+
+/// The AgentSession actor.
+pub struct AgentSession;
+
+/// Per-connection state.
+pub struct AgentSessionState {
+    service: String,
+    peer: String,
+    session_id: u64,
+    registry: ActorRef<RegistryMsg>,
+    link: Option<Link>,
+    registered: bool,
+    next_id: u64,
+    pending: HashMap<u64, (TunnelReply, Duration)>,
+    last_heard: Instant,
+    start: Option<(Ws, [u8; 32], Vec<u8>)>,
+}
+
+impl Actor for AgentSession {
+    type Msg = AgentSessionMsg;
+    type State = AgentSessionState;
+    type Arguments = AgentSessionArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: AgentSessionArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(AgentSessionState {
+            service: args.service,
+            peer: args.peer,
+            session_id: args.session_id,
+            registry: args.registry,
+            link: None,
+            registered: false,
+            next_id: 0,
+            pending: HashMap::new(),
+            last_heard: Instant::now(),
+            start: Some((args.ws, args.psk, args.prologue)),
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let (ws, psk, prologue) = state.start.take().ok_or("session started twice")?;
+        let kx_args = KeyExchangeArgs {
+            role: Role::Responder,
+            psk,
+            prologue,
+            timeout: HANDSHAKE_TIMEOUT,
+        };
+        let (kx, _) = Actor::spawn_linked(None, KeyExchange, kx_args, myself.get_cell()).await?;
+        let result = kx
+            .call(
+                |reply| KeyExchangeMsg::Run { ws, reply },
+                Some(HANDSHAKE_TIMEOUT + Duration::from_secs(1)),
+            )
+            .await?;
+        let established = match result {
+            ractor::rpc::CallResult::Success(Ok(established)) => established,
+            ractor::rpc::CallResult::Success(Err(e)) => {
+                info!(peer = %state.peer, service = %state.service, "agent refused: {e}");
+                myself.stop(None);
+                return Ok(());
+            }
+            _ => {
+                info!(peer = %state.peer, "agent refused: key exchange did not finish");
+                myself.stop(None);
+                return Ok(());
+            }
+        };
+        let me = myself.clone();
+        state.link = Some(Link::spawn(
+            established.ws,
+            established.sealer,
+            established.opener,
+            move |event| {
+                let _ = me.cast(AgentSessionMsg::Link(event));
+            },
+        ));
+        state.last_heard = Instant::now();
+        myself.send_interval(HEARTBEAT_EVERY, || AgentSessionMsg::Heartbeat);
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        for (_, (reply, _)) in state.pending.drain() {
+            let _ = reply.send(Err(TransportError::Tunnel {
+                detail: "the agent disconnected before answering".into(),
+            }));
+        }
+        if state.registered {
+            let _ = state.registry.cast(RegistryMsg::Unregister {
+                service: state.service.clone(),
+                session_id: state.session_id,
+            });
+        }
+        state.link = None;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            AgentSessionMsg::Link(LinkEvent::Frame(frame)) => {
+                state.last_heard = Instant::now();
+                self.on_frame(&myself, state, frame);
+            }
+            AgentSessionMsg::Link(LinkEvent::Closed(why)) => {
+                info!(peer = %state.peer, service = %state.service, session = state.session_id, "agent tunnel closed: {why}");
+                myself.stop(None);
+            }
+            AgentSessionMsg::Forward { request, reply } => {
+                let Some(link) = state.link.as_ref().filter(|_| state.registered) else {
+                    let _ = reply.send(Err(TransportError::Tunnel {
+                        detail: "the agent session is not ready".into(),
+                    }));
+                    return Ok(());
+                };
+                state.next_id += 1;
+                let id = state.next_id;
+                let timeout = request.timeout;
+                let frame = Frame::Request(ForwardRequest {
+                    id,
+                    target: request.target,
+                    scheme: request.scheme,
+                    host: request.host,
+                    method: request.method,
+                    path_and_query: request.path_and_query,
+                    headers: request.headers,
+                    body: request.body,
+                    skip_tls_verify: request.skip_tls_verify,
+                    timeout_ms: timeout.as_millis().min(u32::MAX as u128) as u32,
+                });
+                if link.send(frame) {
+                    state.pending.insert(id, (reply, timeout + REQUEST_SLACK));
+                    myself.send_after(timeout + REQUEST_SLACK, move || AgentSessionMsg::Expire {
+                        id,
+                    });
+                } else {
+                    let _ = reply.send(Err(TransportError::Tunnel {
+                        detail: "the tunnel to the agent is closed".into(),
+                    }));
+                }
+            }
+            AgentSessionMsg::Expire { id } => {
+                if let Some((reply, waited)) = state.pending.remove(&id) {
+                    warn!(request_id = id, session = state.session_id, "agent did not answer in time");
+                    let _ = reply.send(Err(TransportError::Timeout {
+                        after_ms: waited.as_millis() as u64,
+                    }));
+                    if let Some(link) = &state.link {
+                        link.send(Frame::Cancel { id });
+                    }
+                }
+            }
+            AgentSessionMsg::Heartbeat => {
+                if state.last_heard.elapsed() > DEAD_AFTER {
+                    warn!(peer = %state.peer, session = state.session_id, "agent silent for {:?}, dropping its session", DEAD_AFTER);
+                    myself.stop(None);
+                } else if let Some(link) = &state.link {
+                    link.send(Frame::Ping {
+                        seq: 0,
+                        sent_micros: now_micros(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AgentSession {
+    fn on_frame(&self, myself: &ActorRef<AgentSessionMsg>, state: &mut AgentSessionState, frame: Frame) {
+        let Some(link) = &state.link else { return };
+        match frame {
+            Frame::Hello {
+                version,
+                agent_name,
+                targets,
+            } => {
+                if version != PROTOCOL_VERSION {
+                    warn!(peer = %state.peer, "agent speaks protocol {version}, hub speaks {PROTOCOL_VERSION}");
+                    link.send(Frame::Goodbye {
+                        reason: format!("unsupported protocol version {version}"),
+                    });
+                    myself.stop(None);
+                    return;
+                }
+                if state.registered {
+                    return;
+                }
+                let _ = state.registry.cast(RegistryMsg::Register {
+                    service: state.service.clone(),
+                    agent: AgentEntry {
+                        session_id: state.session_id,
+                        agent_name,
+                        peer: state.peer.clone(),
+                        targets,
+                        connected_at: SystemTime::now(),
+                        session: myself.clone(),
+                    },
+                });
+                state.registered = true;
+                link.send(Frame::Welcome {
+                    version: PROTOCOL_VERSION,
+                    session_id: state.session_id,
+                });
+            }
+            Frame::Targets { targets } => {
+                let _ = state.registry.cast(RegistryMsg::UpdateTargets {
+                    service: state.service.clone(),
+                    session_id: state.session_id,
+                    targets,
+                });
+            }
+            Frame::Response(response) => match state.pending.remove(&response.id) {
+                Some((reply, _)) => {
+                    let _ = reply.send(response.result.map_err(TransportError::Forward));
+                }
+                None => debug!(request_id = response.id, "late response dropped"),
+            },
+            Frame::Ping { seq, sent_micros } => {
+                link.send(Frame::Pong { seq, sent_micros });
+            }
+            Frame::Pong { .. } => {}
+            Frame::Goodbye { reason } => {
+                info!(peer = %state.peer, session = state.session_id, "agent said goodbye: {reason}");
+                myself.stop(None);
+            }
+            Frame::Welcome { .. } | Frame::Request(_) | Frame::Cancel { .. } => {
+                warn!(peer = %state.peer, session = state.session_id, "agent sent a hub-only frame; closing");
+                myself.stop(None);
+            }
+        }
+    }
+}
+
+/// Microseconds since the epoch, for round-trip measurement.
+pub fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,224 @@
+//! Reconciler: one per application. Decides when to run (at start after a short grace, every
+//! interval, on demand, and again as soon as a connector appears after a run that had none),
+//! computes the desired users from the directory and the access rule, and applies the plan
+//! through the tunnel. Each run is recorded in the state store.
+//!
+//! It only ever deprovisions users recorded as managed for its own application.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tracing::{info, warn};
+
+use super::tunnel_transport::TunnelTransport;
+use crate::config::directory::{DirUser, Directory};
+use crate::config::hub::{AppConfig, DeprovisionMode as ConfigMode};
+use crate::messages::hub::{ReconcilerMsg, RegistryMsg, RunSummary};
+use crate::scim::client::ScimClient;
+use crate::scim::diff::{DeprovisionMode, DesiredUser};
+use crate::scim::error::ScimError;
+use crate::scim::resources::ScimEmail;
+use crate::scim::sync::sync_users;
+use crate::scim::transport::TransportError;
+use crate::store::Store;
+
+/// Requests one application's run may have in flight at once.
+const CONCURRENCY: usize = 8;
+
+/// What a Reconciler starts from.
+#[derive(Clone)]
+pub struct ReconcilerArgs {
+    pub app: AppConfig,
+    pub directory: PathBuf,
+    pub registry: ActorRef<RegistryMsg>,
+    pub store: Arc<Store>,
+    /// Delay before the first scheduled run, so agents can reconnect after a hub restart.
+    pub startup_grace: Duration,
+}
+
+/// The Reconciler actor.
+pub struct Reconciler;
+
+/// Schedule and last result of one application.
+pub struct ReconcilerState {
+    args: ReconcilerArgs,
+    next_due: Instant,
+    last: Option<RunSummary>,
+}
+
+impl Actor for Reconciler {
+    type Msg = ReconcilerMsg;
+    type State = ReconcilerState;
+    type Arguments = ReconcilerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: ReconcilerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let last = args.store.last_run(&args.app.name).unwrap_or_else(|e| {
+            warn!(app = %args.app.name, "cannot read the last run: {e}");
+            None
+        });
+        let _ = args.registry.cast(RegistryMsg::Watch {
+            service: args.app.service.clone(),
+            target: args.app.target.clone(),
+            reconciler: myself.clone(),
+        });
+        myself.send_after(args.startup_grace, || ReconcilerMsg::Tick);
+        Ok(ReconcilerState {
+            next_due: Instant::now() + args.startup_grace,
+            args,
+            last,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            ReconcilerMsg::Tick => {
+                // Ticks from superseded schedules arrive early and are ignored.
+                if Instant::now() >= state.next_due {
+                    run_and_reschedule(&myself, state).await;
+                }
+            }
+            ReconcilerMsg::ForceSync(reply) => {
+                let summary = run_and_reschedule(&myself, state).await;
+                let _ = reply.send(summary);
+            }
+            ReconcilerMsg::LastRun(reply) => {
+                let _ = reply.send(state.last.clone());
+            }
+            ReconcilerMsg::ConnectorAvailable => {
+                let waiting_for_connector = state
+                    .last
+                    .as_ref()
+                    .is_some_and(|l| !l.ok && l.message.as_deref().is_some_and(|m| m.starts_with(NO_CONNECTOR)));
+                if waiting_for_connector {
+                    info!(app = %state.args.app.name, "a connector is available again; running now");
+                    run_and_reschedule(&myself, state).await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+const NO_CONNECTOR: &str = "no connector available";
+
+async fn run_and_reschedule(myself: &ActorRef<ReconcilerMsg>, state: &mut ReconcilerState) -> RunSummary {
+    let summary = run_once(&state.args).await;
+    let interval = state.args.app.interval;
+    state.next_due = Instant::now() + interval;
+    myself.send_after(interval, || ReconcilerMsg::Tick);
+    state.last = Some(summary.clone());
+    summary
+}
+
+/// One full reconciliation of the application's users.
+pub async fn run_once(args: &ReconcilerArgs) -> RunSummary {
+    let app = &args.app;
+    let started = SystemTime::now();
+    let clock = Instant::now();
+    let mut summary = RunSummary {
+        app: app.name.clone(),
+        started_unix_ms: started
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        ..Default::default()
+    };
+    let outcome = reconcile(args, &mut summary).await;
+    summary.duration_ms = clock.elapsed().as_millis() as u64;
+    match outcome {
+        Ok(()) => summary.ok = summary.failed == 0,
+        Err(message) => {
+            summary.ok = false;
+            summary.message = Some(message);
+        }
+    }
+    match args.store.record_run(&summary) {
+        Ok(id) => summary.run_id = id,
+        Err(e) => warn!(app = %app.name, "cannot record the run: {e}"),
+    }
+    if summary.ok {
+        info!(app = %app.name, created = summary.created, updated = summary.updated, deprovisioned = summary.deprovisioned(), unchanged = summary.unchanged, "sync finished");
+    } else {
+        warn!(app = %app.name, failed = summary.failed, "sync failed: {}", summary.message.as_deref().unwrap_or("see failures"));
+    }
+    summary
+}
+
+async fn reconcile(args: &ReconcilerArgs, summary: &mut RunSummary) -> Result<(), String> {
+    let app = &args.app;
+    let directory = Directory::load(&args.directory).map_err(|e| e.to_string())?;
+    let granted = directory.granted(&app.grant);
+    let desired: Vec<DesiredUser> = granted.users.iter().map(desired_user).collect();
+    summary.desired = desired.len();
+
+    let managed = args.store.managed_users(&app.name).map_err(|e| e.to_string())?;
+    let transport = Arc::new(TunnelTransport::new(args.registry.clone(), app));
+    let client = ScimClient::new(
+        transport,
+        app.base_url.path.clone(),
+        app.auth.authorization().map(|s| s.expose().to_string()),
+        app.page_size,
+    );
+    let mode = match app.deprovision {
+        ConfigMode::Delete => DeprovisionMode::Delete,
+        ConfigMode::Deactivate => DeprovisionMode::Deactivate,
+    };
+    let report = sync_users(&client, &desired, &managed, mode, CONCURRENCY)
+        .await
+        .map_err(|e| diagnosis(&e))?;
+    args.store
+        .set_managed_users(&app.name, &report.managed_after)
+        .map_err(|e| e.to_string())?;
+    summary.created = report.created;
+    summary.updated = report.updated;
+    summary.deactivated = report.deactivated;
+    summary.deleted = report.deleted;
+    summary.unchanged = report.unchanged;
+    summary.unmanaged = report.unmanaged;
+    summary.failed = report.failed;
+    summary.requests = report.requests;
+    summary.message = report.first_error.as_ref().map(diagnosis);
+    Ok(())
+}
+
+fn diagnosis(error: &ScimError) -> String {
+    match error {
+        ScimError::Transport(TransportError::NoConnector { reason }) => {
+            format!("{NO_CONNECTOR}: {reason}")
+        }
+        other => other.diagnosis(),
+    }
+}
+
+/// The SCIM shape of a directory user as this application should hold it.
+pub fn desired_user(user: &DirUser) -> DesiredUser {
+    DesiredUser {
+        external_id: user.id.clone(),
+        user_name: user.user_name.clone(),
+        display_name: user.display_name.clone(),
+        given_name: user.name.as_ref().and_then(|n| n.given_name.clone()),
+        family_name: user.name.as_ref().and_then(|n| n.family_name.clone()),
+        formatted_name: user.name.as_ref().and_then(|n| n.formatted.clone()),
+        emails: user
+            .emails
+            .iter()
+            .map(|e| ScimEmail {
+                value: e.value.clone(),
+                kind: e.kind.clone(),
+                primary: Some(e.primary),
+            })
+            .collect(),
+        active: user.active,
+    }
+}

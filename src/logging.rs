@@ -1,0 +1,29 @@
+//! Log set-up shared by every command: one line per event on stderr through `tracing`, and a
+//! panic hook that logs a panic as one line instead of a backtrace (ractor turns the panic into
+//! a supervision event; the backtrace would only be noise in an administrator's journal).
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs the subscriber (level from `RUST_LOG`, else `default_level`) and the panic hook.
+pub fn init(default_level: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into());
+        tracing::error!("panic{location}: {message}");
+    }));
+}

@@ -1,0 +1,153 @@
+//! Messages between the hub's actors: gateway, agent sessions, registry, reconcilers.
+
+use std::time::{Duration, SystemTime};
+
+use ractor::{ActorRef, RpcReplyPort};
+use serde::{Deserialize, Serialize};
+
+use super::{HttpResponse, LinkEvent, Scheme, TargetInfo};
+use crate::net::Ws;
+use crate::scim::transport::TransportError;
+
+/// One request to send through some agent of a service; the agent session assigns the id.
+#[derive(Debug, Clone)]
+pub struct TunnelRequest {
+    pub target: String,
+    pub scheme: Scheme,
+    pub host: String,
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+    pub skip_tls_verify: bool,
+    pub timeout: Duration,
+}
+
+/// Where the answer to a [`TunnelRequest`] goes.
+pub type TunnelReply = RpcReplyPort<Result<HttpResponse, TransportError>>;
+
+/// Messages of the Gateway (accepts agent connections).
+pub enum GatewayMsg {
+    /// A websocket was accepted for a known, enabled service; start an AgentSession for it.
+    Accepted {
+        ws: Ws,
+        service: String,
+        psk: [u8; 32],
+        prologue: Vec<u8>,
+        peer: String,
+    },
+}
+
+/// Messages of an AgentSession (one per connected agent).
+pub enum AgentSessionMsg {
+    /// Something happened on the tunnel.
+    Link(LinkEvent),
+    /// Send a request to this agent.
+    Forward {
+        request: TunnelRequest,
+        reply: TunnelReply,
+    },
+    /// The hub stops waiting for request `id`.
+    Expire { id: u64 },
+    /// Time to ping and to check that the agent is still alive.
+    Heartbeat,
+}
+
+/// A connected agent as the registry sees it.
+#[derive(Clone)]
+pub struct AgentEntry {
+    pub session_id: u64,
+    pub agent_name: String,
+    pub peer: String,
+    pub targets: Vec<TargetInfo>,
+    pub connected_at: SystemTime,
+    pub session: ActorRef<AgentSessionMsg>,
+}
+
+/// Messages of the Registry (services, connected agents, routing).
+pub enum RegistryMsg {
+    Register {
+        service: String,
+        agent: AgentEntry,
+    },
+    UpdateTargets {
+        service: String,
+        session_id: u64,
+        targets: Vec<TargetInfo>,
+    },
+    Unregister {
+        service: String,
+        session_id: u64,
+    },
+    /// Route a request to an agent of `service` that advertises `request.target`.
+    Route {
+        service: String,
+        request: TunnelRequest,
+        reply: TunnelReply,
+    },
+    Snapshot(RpcReplyPort<Vec<ServiceStatus>>),
+    /// A reconciler wants to hear when a connector for its app appears.
+    Watch {
+        service: String,
+        target: String,
+        reconciler: ActorRef<ReconcilerMsg>,
+    },
+}
+
+/// A service and its connected agents, for the admin API and the demo.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub enabled: bool,
+    pub agents: Vec<AgentStatus>,
+}
+
+/// One connected agent, for the admin API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub session_id: u64,
+    pub agent_name: String,
+    pub peer: String,
+    pub targets: Vec<String>,
+    pub connected_since_unix: u64,
+}
+
+/// Messages of a Reconciler (one per application).
+pub enum ReconcilerMsg {
+    /// The schedule says it is time for a run.
+    Tick,
+    /// Run now and reply with the result.
+    ForceSync(RpcReplyPort<RunSummary>),
+    /// The most recent run, if any.
+    LastRun(RpcReplyPort<Option<RunSummary>>),
+    /// An agent advertising this app's target just registered.
+    ConnectorAvailable,
+}
+
+/// The outcome of one reconciliation run, as stored and shown to the administrator.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub app: String,
+    pub run_id: i64,
+    pub started_unix_ms: u64,
+    pub duration_ms: u64,
+    pub ok: bool,
+    pub desired: usize,
+    pub created: usize,
+    pub updated: usize,
+    pub deactivated: usize,
+    pub deleted: usize,
+    pub unchanged: usize,
+    pub unmanaged: usize,
+    pub failed: usize,
+    pub requests: usize,
+    /// The one actionable line when the run failed or had failures.
+    pub message: Option<String>,
+}
+
+impl RunSummary {
+    /// Users taken out of the application, whichever deprovisioning mode is set.
+    pub fn deprovisioned(&self) -> usize {
+        self.deactivated + self.deleted
+    }
+}

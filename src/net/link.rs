@@ -1,0 +1,163 @@
+//! One established tunnel: a reader task that decrypts websocket records into frames and a
+//! writer task that encrypts frames into records.
+//!
+//! The two halves own their cipher states, so nonces advance strictly in order without a lock.
+//! The link never interprets a frame; it hands every one to its owner's callback and reports
+//! its own end exactly once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::messages::{Frame, LinkEvent};
+use crate::tunnel::{FrameOpener, FrameSealer};
+
+use super::Ws;
+
+/// Sending side of a link, cheap to clone. Sending on a closed link is a no-op returning false.
+#[derive(Clone)]
+pub struct LinkSender {
+    tx: mpsc::UnboundedSender<Frame>,
+}
+
+impl LinkSender {
+    /// Queues a frame for encryption and sending.
+    pub fn send(&self, frame: Frame) -> bool {
+        self.tx.send(frame).is_ok()
+    }
+}
+
+/// Owner's handle on a running link. Dropping it tears both tasks down.
+pub struct Link {
+    sender: LinkSender,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+impl Link {
+    /// Starts the reader and writer over an established websocket. `on_event` runs on the
+    /// reader task for every frame and once with [`LinkEvent::Closed`]; it must not block.
+    pub fn spawn<F>(ws: Ws, sealer: FrameSealer, opener: FrameOpener, on_event: F) -> Link
+    where
+        F: Fn(LinkEvent) + Send + Sync + 'static,
+    {
+        let (mut sink, mut stream) = ws.split();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+        let on_event = Arc::new(on_event);
+        let closed = Arc::new(AtomicBool::new(false));
+
+        let report_close = {
+            let on_event = on_event.clone();
+            let closed = closed.clone();
+            move |why: String| {
+                if !closed.swap(true, Ordering::SeqCst) {
+                    on_event(LinkEvent::Closed(why));
+                }
+            }
+        };
+
+        let writer = {
+            let report_close = report_close.clone();
+            let mut sealer = sealer;
+            tokio::spawn(async move {
+                let why = loop {
+                    let Some(frame) = rx.recv().await else {
+                        let _ = sink.close().await;
+                        break "link closed locally".to_string();
+                    };
+                    let goodbye = matches!(frame, Frame::Goodbye { .. });
+                    if let Err(why) = write_frame(&mut sealer, &mut sink, &frame).await {
+                        break why;
+                    }
+                    // Batch whatever else is already queued before paying for a flush.
+                    let mut failed = None;
+                    while let Ok(frame) = rx.try_recv() {
+                        if let Err(why) = write_frame(&mut sealer, &mut sink, &frame).await {
+                            failed = Some(why);
+                            break;
+                        }
+                    }
+                    if let Some(why) = failed {
+                        break why;
+                    }
+                    if let Err(e) = sink.flush().await {
+                        break format!("websocket write failed: {e}");
+                    }
+                    if goodbye {
+                        let _ = sink.close().await;
+                        break "goodbye sent".to_string();
+                    }
+                };
+                report_close(why);
+            })
+        };
+
+        let reader = {
+            let mut opener = opener;
+            tokio::spawn(async move {
+                let why = loop {
+                    match stream.next().await {
+                        None => break "connection closed by peer".to_string(),
+                        Some(Err(e)) => break format!("websocket read failed: {e}"),
+                        Some(Ok(Message::Binary(record))) => match opener.open(&record) {
+                            Ok(Some(frame)) => on_event(LinkEvent::Frame(frame)),
+                            Ok(None) => {}
+                            Err(e) => break format!("tunnel integrity failure: {e}"),
+                        },
+                        Some(Ok(Message::Close(_))) => break "peer closed the tunnel".to_string(),
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(_)) => break "unexpected non-binary websocket message".to_string(),
+                    }
+                };
+                report_close(why);
+            })
+        };
+
+        Link {
+            sender: LinkSender { tx },
+            reader,
+            writer,
+        }
+    }
+
+    /// A clonable sender for this link.
+    pub fn sender(&self) -> LinkSender {
+        self.sender.clone()
+    }
+
+    /// Queues a frame.
+    pub fn send(&self, frame: Frame) -> bool {
+        self.sender.send(frame)
+    }
+
+    /// Whether the writer has ended (after a goodbye, a close or an error).
+    pub fn is_finished(&self) -> bool {
+        self.writer.is_finished()
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.writer.abort();
+    }
+}
+
+async fn write_frame<S>(sealer: &mut FrameSealer, sink: &mut S, frame: &Frame) -> Result<(), String>
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    let records = sealer
+        .seal(frame)
+        .map_err(|e| format!("cannot seal frame: {e}"))?;
+    for record in records {
+        sink.feed(Message::Binary(record.into()))
+            .await
+            .map_err(|e| format!("websocket write failed: {e}"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! The hub's durable state in SQLite: which SCIM resources each application's reconciler
+//! manages, and the record of every run.
+//!
+//! Only the hub opens this database. It stores no secret: resource ids, counts and the
+//! administrator-facing message of each run.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::messages::hub::RunSummary;
+
+/// Errors of the state store. They name the database file.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("hub state database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot create the hub state directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Handle on the state database. Calls are short; one connection behind a mutex is enough.
+pub struct Store {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS managed_users (
+    app TEXT NOT NULL,
+    scim_id TEXT NOT NULL,
+    PRIMARY KEY (app, scim_id)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    app TEXT NOT NULL,
+    started_unix_ms INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    summary TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_by_app ON runs (app, id);
+";
+
+impl Store {
+    /// Opens (creating if needed) `hub.db` in `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Dir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let path = state_dir.join("hub.db");
+        let conn = Connection::open(&path).map_err(|source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        })?;
+        let store = Store {
+            path,
+            conn: Mutex::new(conn),
+        };
+        store.with(|c| {
+            c.pragma_update(None, "journal_mode", "WAL")?;
+            c.execute_batch(SCHEMA)
+        })?;
+        Ok(store)
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut conn).map_err(|source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// SCIM ids of the users this hub created or adopted in `app`.
+    pub fn managed_users(&self, app: &str) -> Result<HashSet<String>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT scim_id FROM managed_users WHERE app = ?1")?;
+            let rows = stmt.query_map(params![app], |r| r.get::<_, String>(0))?;
+            rows.collect()
+        })
+    }
+
+    /// Replaces the managed set of `app` in one transaction.
+    pub fn set_managed_users(&self, app: &str, ids: &HashSet<String>) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM managed_users WHERE app = ?1", params![app])?;
+            {
+                let mut insert =
+                    tx.prepare("INSERT INTO managed_users (app, scim_id) VALUES (?1, ?2)")?;
+                for id in ids {
+                    insert.execute(params![app, id])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    /// Stores a finished run and returns its id.
+    pub fn record_run(&self, summary: &RunSummary) -> Result<i64, StoreError> {
+        let json = serde_json::to_string(summary).unwrap_or_default();
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO runs (app, started_unix_ms, duration_ms, summary) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    summary.app,
+                    summary.started_unix_ms as i64,
+                    summary.duration_ms as i64,
+                    json
+                ],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+    }
+
+    /// The latest run of `app`, surviving hub restarts.
+    pub fn last_run(&self, app: &str) -> Result<Option<RunSummary>, StoreError> {
+        let row: Option<(i64, String)> = self.with(|c| {
+            c.query_row(
+                "SELECT id, summary FROM runs WHERE app = ?1 ORDER BY id DESC LIMIT 1",
+                params![app],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })?;
+        Ok(row.and_then(|(id, json)| {
+            let mut summary: RunSummary = serde_json::from_str(&json).ok()?;
+            summary.run_id = id;
+            Some(summary)
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn managed_set_and_runs_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let ids: HashSet<String> = ["a".to_string(), "b".to_string()].into();
+            store.set_managed_users("crm", &ids).unwrap();
+            let summary = RunSummary {
+                app: "crm".into(),
+                ok: true,
+                created: 2,
+                ..Default::default()
+            };
+            assert_eq!(store.record_run(&summary).unwrap(), 1);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.managed_users("crm").unwrap().len(), 2);
+        assert!(store.managed_users("other").unwrap().is_empty());
+        let last = store.last_run("crm").unwrap().unwrap();
+        assert_eq!((last.run_id, last.created), (1, 2));
+        assert!(store.last_run("other").unwrap().is_none());
+    }
+}
