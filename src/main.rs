@@ -70,6 +70,9 @@ enum Command {
         /// Users granted access in the sample directory.
         #[arg(long, default_value_t = 500)]
         users: usize,
+        /// Keep the demo's folder (configs, certificates, directory, hub state) after it ends.
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -126,8 +129,8 @@ fn main() -> ExitCode {
         Command::Run { config } => runtime().block_on(run_agent(config)),
         Command::Hub { config } => runtime().block_on(run_hub(config)),
         Command::Sync { app, config } => runtime().block_on(sync(app, config)),
-        Command::Demo { users } => runtime().block_on(async move {
-            match demo::run(users).await {
+        Command::Demo { users, keep } => runtime().block_on(async move {
+            match demo::run::run(users, keep).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("demo failed: {e}");
