@@ -4,6 +4,7 @@
 //! This module owns plain data only. It must never do I/O, hold a socket, or know about
 //! encryption: the tunnel module turns frames into bytes, the actors decide what they mean.
 
+pub mod agent;
 pub mod wire;
 
 pub use wire::{
