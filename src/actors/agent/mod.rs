@@ -5,3 +5,6 @@ pub mod forward;
 
 pub use dialer::{Dialers, TargetDialer};
 pub use forward::Forward;
+
+#[cfg(test)]
+mod tests;
