@@ -62,7 +62,7 @@ impl DialerState {
         &self.client.spec().name
     }
 
-    /// Answers request `id` with `error` unless someone already did; returns whether it did.
+    /// Answers request `id` with `error` (and counts it) unless someone already answered.
     fn answer_error(
         &self,
         id: u64,
@@ -226,9 +226,7 @@ impl Actor for TargetDialer {
                     }
                     Err(e) => {
                         tracing::error!(target_name = %state.name(), error = %e, "target update rejected; keeping the previous declaration");
-                        state.counters.record_error(&ForwardError::Internal {
-                            detail: e.to_string(),
-                        });
+                        state.counters.set_last_error(e.to_string());
                     }
                 }
             }

@@ -69,6 +69,16 @@ impl ForwardCounters {
         *last = Some(error.to_string());
     }
 
+    /// Shows `message` as the last error without counting a failed request (e.g. a rejected
+    /// configuration change).
+    pub fn set_last_error(&self, message: String) {
+        let mut last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *last = Some(message);
+    }
+
     /// `(forwarded, errors, last_error)`.
     pub fn snapshot(&self) -> (u64, u64, Option<String>) {
         let last = self

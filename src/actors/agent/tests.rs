@@ -146,6 +146,9 @@ enum Reply {
     Hang,
     /// Wait for the notification, then write and close.
     After(Arc<Notify>, Vec<u8>),
+    /// Write, keep the connection open until the notification, then close it without notice
+    /// and report on the channel.
+    CloseLater(Vec<u8>, Arc<Notify>, mpsc::UnboundedSender<()>),
 }
 
 type Handler = Arc<dyn Fn(&Seen) -> Reply + Send + Sync>;
@@ -287,6 +290,14 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 return;
             }
             Reply::Hang => std::future::pending::<()>().await,
+            Reply::CloseLater(bytes, gate, closed) => {
+                let _ = stream.write_all(&bytes).await;
+                gate.notified().await;
+                let _ = stream.shutdown().await;
+                drop(stream);
+                let _ = closed.send(());
+                return;
+            }
             Reply::After(gate, bytes) => {
                 gate.notified().await;
                 let _ = stream.write_all(&bytes).await;
@@ -933,4 +944,45 @@ async fn never_tls_target_speaks_plain_http_for_https_urls() {
     // The same plain server reached with TLS: a clear hint instead of a certificate error.
     let detail = tls_detail(agent.send(https(2, "from-scheme", "localhost")).await);
     assert!(detail.contains("-no-tls"), "{detail}");
+}
+
+#[tokio::test]
+async fn dead_pooled_connection_is_replaced_without_failing_the_request() {
+    let gate = Arc::new(Notify::new());
+    let (closed_tx, mut closed_rx) = mpsc::unbounded_channel();
+    let server_gate = gate.clone();
+    let server = serve(
+        handler(move |_| Reply::CloseLater(ok(b"ok"), server_gate.clone(), closed_tx.clone())),
+        None,
+    )
+    .await;
+    let client = crate::forwarding::TargetClient::new(
+        spec("app", server.addr),
+        DialerLimits::default(),
+        Arc::new(tokio::sync::Semaphore::new(4)),
+    )
+    .unwrap();
+
+    let mut post = get(1, "app", "app.internal", "/Users");
+    post.method = "POST".into();
+    post.body = b"{}".to_vec();
+    client.forward(&post).await.expect("first request");
+    let deadline = Instant::now() + WAIT;
+    while client.idle_connections() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "connection never returned to the pool"
+        );
+        tokio::task::yield_now().await;
+    }
+
+    // The target drops the idle connection without telling; a POST must not fail because of it.
+    gate.notify_one();
+    tokio::time::timeout(WAIT, closed_rx.recv()).await.unwrap();
+    post.id = 2;
+    client
+        .forward(&post)
+        .await
+        .expect("second request on a fresh connection");
+    assert_eq!(server.accepted(), 2);
 }
