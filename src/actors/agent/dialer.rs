@@ -1,0 +1,464 @@
+//! The TargetDialer actor (one per declared target) and [`Dialers`], the handle the Session
+//! uses to reach them.
+//!
+//! A dialer owns its target's client (connection pool, TLS settings, concurrency bound) and the
+//! table of requests in flight. It spawns one [`Forward`] per request, linked to itself, and
+//! answers for any Forward that fails, so one bad request never takes the dialer or the tunnel
+//! down. It must never dial a target that was not declared locally: [`Dialers::route`] refuses
+//! unknown names before any dialer sees them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::rpc::CallResult;
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, MessagingErr, SpawnErr,
+    SupervisionEvent,
+};
+use tokio::sync::Semaphore;
+
+use super::forward::{AnswerOnce, Forward, ForwardArgs, ForwardCounters, ForwardMsg};
+use crate::forwarding::TargetClient;
+use crate::messages::agent::{DialerLimits, DialerMsg, ResponseSink, TargetSpec, TargetStats};
+use crate::messages::{ForwardError, ForwardRequest, ForwardResponse, TargetInfo};
+
+/// How long [`Dialers::stats`] waits for one dialer.
+const STATS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Longest failure detail kept from a panic message.
+const MAX_DETAIL: usize = 300;
+
+/// The dialer actor. All its data is in [`DialerState`].
+#[derive(Debug, Default)]
+pub struct TargetDialer;
+
+/// Start arguments of a dialer.
+#[derive(Debug, Clone)]
+pub struct DialerArgs {
+    pub spec: TargetSpec,
+    pub limits: DialerLimits,
+}
+
+struct InFlight {
+    actor: ActorRef<ForwardMsg>,
+    reply: ResponseSink,
+    answer: Arc<AnswerOnce>,
+}
+
+/// A dialer's live state.
+pub struct DialerState {
+    limits: DialerLimits,
+    permits: Arc<Semaphore>,
+    client: Arc<TargetClient>,
+    counters: Arc<ForwardCounters>,
+    in_flight: HashMap<u64, InFlight>,
+    by_actor: HashMap<ActorId, u64>,
+    forward_restarts: u64,
+}
+
+impl DialerState {
+    fn name(&self) -> &str {
+        &self.client.spec().name
+    }
+
+    /// Answers request `id` with `error` (and counts it) unless someone already answered.
+    fn answer_error(
+        &self,
+        id: u64,
+        reply: &ResponseSink,
+        answer: &AnswerOnce,
+        error: ForwardError,
+    ) {
+        if answer.claim() {
+            self.counters.record_error(&error);
+            let _ = reply.send(ForwardResponse {
+                id,
+                result: Err(error),
+            });
+        }
+    }
+
+    fn stats(&self) -> TargetStats {
+        let spec = self.client.spec();
+        let (forwarded, errors, last_error) = self.counters.snapshot();
+        TargetStats {
+            name: spec.name.clone(),
+            addr: spec.addr.clone(),
+            tls: spec.tls.to_string(),
+            in_flight: self.in_flight.len(),
+            forwarded,
+            errors,
+            last_error,
+            forward_restarts: self.forward_restarts,
+        }
+    }
+
+    async fn start_forward(
+        &mut self,
+        myself: &ActorRef<DialerMsg>,
+        request: ForwardRequest,
+        reply: ResponseSink,
+    ) {
+        let id = request.id;
+        let answer = Arc::new(AnswerOnce::default());
+        if self.in_flight.contains_key(&id) {
+            let error = ForwardError::Refused {
+                reason: format!(
+                    "request id {id} is already in flight on target `{}`",
+                    self.name()
+                ),
+            };
+            self.answer_error(id, &reply, &answer, error);
+            return;
+        }
+        let args = ForwardArgs {
+            request,
+            reply: reply.clone(),
+            client: self.client.clone(),
+            answer: answer.clone(),
+            counters: self.counters.clone(),
+        };
+        match Forward::spawn_linked(None, Forward, args, myself.get_cell()).await {
+            Ok((actor, _)) => {
+                self.by_actor.insert(actor.get_id(), id);
+                self.in_flight.insert(
+                    id,
+                    InFlight {
+                        actor,
+                        reply,
+                        answer,
+                    },
+                );
+            }
+            Err(e) => {
+                let detail = one_line(&format!("cannot start a forward: {e}"));
+                tracing::error!(request_id = id, target_name = %self.name(), detail = %detail, "forward not started");
+                self.answer_error(id, &reply, &answer, ForwardError::Internal { detail });
+            }
+        }
+    }
+}
+
+/// First line of `text`, bounded, so a panic message never brings a backtrace along.
+fn one_line(text: &str) -> String {
+    let line = text.lines().next().unwrap_or_default().trim();
+    if line.len() <= MAX_DETAIL {
+        return line.to_owned();
+    }
+    let mut cut = MAX_DETAIL;
+    while !line.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", &line[..cut])
+}
+
+impl Actor for TargetDialer {
+    type Msg = DialerMsg;
+    type State = DialerState;
+    type Arguments = DialerArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        DialerArgs { spec, limits }: DialerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let permits = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
+        let client = TargetClient::new(spec, limits.clone(), permits.clone())?;
+        let spec = client.spec();
+        tracing::info!(
+            target_name = %spec.name,
+            addr = %spec.addr,
+            tls = %spec.tls,
+            skip_tls_check_allowed = spec.insecure_allow_skip_tls_check,
+            "target dialer started"
+        );
+        Ok(DialerState {
+            limits,
+            permits,
+            client: Arc::new(client),
+            counters: Arc::default(),
+            in_flight: HashMap::new(),
+            by_actor: HashMap::new(),
+            forward_restarts: 0,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: DialerMsg,
+        state: &mut DialerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            DialerMsg::Forward { request, reply } => {
+                state.start_forward(&myself, request, reply).await;
+            }
+            DialerMsg::Cancel { id } => match state.in_flight.get(&id) {
+                Some(in_flight) => {
+                    // Claim the answer first so the Forward's termination sends nothing.
+                    in_flight.answer.claim();
+                    in_flight.actor.kill();
+                    tracing::debug!(request_id = id, target_name = %state.name(), "request cancelled");
+                }
+                None => {
+                    tracing::debug!(request_id = id, target_name = %state.name(), "cancel for a request not in flight here")
+                }
+            },
+            DialerMsg::Stats(port) => {
+                let _ = port.send(state.stats());
+            }
+            DialerMsg::Update(spec) => {
+                if spec == *state.client.spec() {
+                    return Ok(());
+                }
+                match TargetClient::new(spec, state.limits.clone(), state.permits.clone()) {
+                    Ok(client) => {
+                        let spec = client.spec();
+                        tracing::info!(
+                            target_name = %spec.name,
+                            addr = %spec.addr,
+                            tls = %spec.tls,
+                            skip_tls_check_allowed = spec.insecure_allow_skip_tls_check,
+                            "target declaration updated"
+                        );
+                        state.client = Arc::new(client);
+                    }
+                    Err(e) => {
+                        tracing::error!(target_name = %state.name(), error = %e, "target update rejected; keeping the previous declaration");
+                        state.counters.set_last_error(e.to_string());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut DialerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                let Some(id) = state.by_actor.remove(&cell.get_id()) else {
+                    return Ok(());
+                };
+                state.forward_restarts += 1;
+                let detail = one_line(&format!("forward of request {id} failed: {err}"));
+                tracing::warn!(request_id = id, target_name = %state.name(), detail = %detail, "forward failed; answering with an internal error");
+                if let Some(in_flight) = state.in_flight.remove(&id) {
+                    state.answer_error(
+                        id,
+                        &in_flight.reply,
+                        &in_flight.answer,
+                        ForwardError::Internal { detail },
+                    );
+                }
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                let Some(id) = state.by_actor.remove(&cell.get_id()) else {
+                    return Ok(());
+                };
+                if let Some(in_flight) = state.in_flight.remove(&id) {
+                    let detail = format!(
+                        "forward of request {id} ended without an answer ({})",
+                        reason.as_deref().unwrap_or("no reason given")
+                    );
+                    state.answer_error(
+                        id,
+                        &in_flight.reply,
+                        &in_flight.answer,
+                        ForwardError::Internal { detail },
+                    );
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut DialerState,
+    ) -> Result<(), ActorProcessingErr> {
+        for (id, in_flight) in state.in_flight.drain() {
+            if in_flight.answer.claim() {
+                let _ = in_flight.reply.send(ForwardResponse {
+                    id,
+                    result: Err(ForwardError::ShuttingDown),
+                });
+            }
+            in_flight.actor.kill();
+        }
+        tracing::info!(target_name = %state.client.spec().name, "target dialer stopped");
+        Ok(())
+    }
+}
+
+/// The agent's dialers by target name: what the Session routes requests through. Cheap to
+/// clone; every clone reaches the same actors.
+#[derive(Debug, Clone, Default)]
+pub struct Dialers {
+    by_name: BTreeMap<String, ActorRef<DialerMsg>>,
+}
+
+async fn spawn_dialer(
+    spec: TargetSpec,
+    limits: DialerLimits,
+    supervisor: ActorCell,
+) -> Result<ActorRef<DialerMsg>, SpawnErr> {
+    let (actor, _) =
+        TargetDialer::spawn_linked(None, TargetDialer, DialerArgs { spec, limits }, supervisor)
+            .await?;
+    Ok(actor)
+}
+
+impl Dialers {
+    /// Starts one dialer per target, each linked to `supervisor`. A target declared twice, or
+    /// one whose TLS settings are unusable, fails the whole set (and stops what was started).
+    pub async fn spawn_all(
+        specs: Vec<TargetSpec>,
+        limits: DialerLimits,
+        supervisor: ActorCell,
+    ) -> Result<Dialers, SpawnErr> {
+        let mut dialers = Dialers::default();
+        if let Err(e) = dialers.reconcile(specs, limits, supervisor).await {
+            dialers.stop_all();
+            return Err(e);
+        }
+        Ok(dialers)
+    }
+
+    /// Brings the set in line with `specs`: new targets get a dialer, changed ones an
+    /// [`DialerMsg::Update`], removed ones are stopped (their in-flight requests are answered
+    /// with `ShuttingDown`). Dialers that are no longer running are started again. On error the
+    /// targets handled so far keep their new state and the rest are unchanged.
+    pub async fn reconcile(
+        &mut self,
+        specs: Vec<TargetSpec>,
+        limits: DialerLimits,
+        supervisor: ActorCell,
+    ) -> Result<(), SpawnErr> {
+        let mut seen = std::collections::BTreeSet::new();
+        for spec in &specs {
+            if !seen.insert(spec.name.clone()) {
+                return Err(SpawnErr::StartupFailed(
+                    format!(
+                        "target `{}` is declared twice; keep one [target.{}] section",
+                        spec.name, spec.name
+                    )
+                    .into(),
+                ));
+            }
+        }
+        let removed: Vec<String> = self
+            .by_name
+            .keys()
+            .filter(|name| !seen.contains(*name))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(actor) = self.by_name.remove(&name) {
+                actor.stop(Some("target removed".to_owned()));
+            }
+        }
+        for spec in specs {
+            let running = self
+                .by_name
+                .get(&spec.name)
+                .filter(|a| ractor::ACTIVE_STATES.contains(&a.get_status()))
+                .cloned();
+            match running {
+                Some(actor) => {
+                    if let Err(MessagingErr::SendErr(DialerMsg::Update(spec))) =
+                        actor.send_message(DialerMsg::Update(spec))
+                    {
+                        let name = spec.name.clone();
+                        let actor = spawn_dialer(spec, limits.clone(), supervisor.clone()).await?;
+                        self.by_name.insert(name, actor);
+                    }
+                }
+                None => {
+                    let name = spec.name.clone();
+                    let actor = spawn_dialer(spec, limits.clone(), supervisor.clone()).await?;
+                    self.by_name.insert(name, actor);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands `request` to its target's dialer; the outcome arrives on `reply`. A target not
+    /// declared here is answered at once with [`ForwardError::UndeclaredTarget`], and nothing is
+    /// dialed.
+    pub fn route(&self, request: ForwardRequest, reply: ResponseSink) {
+        let id = request.id;
+        let Some(dialer) = self.by_name.get(&request.target) else {
+            tracing::warn!(request_id = id, target_name = %request.target, "request for an undeclared target refused");
+            let _ = reply.send(ForwardResponse {
+                id,
+                result: Err(ForwardError::UndeclaredTarget {
+                    name: request.target,
+                }),
+            });
+            return;
+        };
+        if let Err(MessagingErr::SendErr(DialerMsg::Forward { request, reply })) =
+            dialer.send_message(DialerMsg::Forward { request, reply })
+        {
+            tracing::warn!(request_id = id, target_name = %request.target, "target dialer is not running");
+            let _ = reply.send(ForwardResponse {
+                id,
+                result: Err(ForwardError::ShuttingDown),
+            });
+        }
+    }
+
+    /// Cancels request `id` wherever it runs (the hub's Cancel frame names no target).
+    pub fn cancel(&self, id: u64) {
+        for dialer in self.by_name.values() {
+            let _ = dialer.send_message(DialerMsg::Cancel { id });
+        }
+    }
+
+    /// The targets to advertise to the hub, sorted by name.
+    pub fn targets(&self) -> Vec<TargetInfo> {
+        self.by_name
+            .keys()
+            .map(|name| TargetInfo { name: name.clone() })
+            .collect()
+    }
+
+    /// Live counters of every dialer, sorted by name. A dialer that does not answer within two
+    /// seconds is listed with that as its last error.
+    pub async fn stats(&self) -> Vec<TargetStats> {
+        let mut all = Vec::with_capacity(self.by_name.len());
+        for (name, dialer) in &self.by_name {
+            let answer = dialer.call(DialerMsg::Stats, Some(STATS_TIMEOUT)).await;
+            match answer {
+                Ok(CallResult::Success(stats)) => all.push(stats),
+                _ => all.push(TargetStats {
+                    name: name.clone(),
+                    addr: String::new(),
+                    tls: String::new(),
+                    in_flight: 0,
+                    forwarded: 0,
+                    errors: 0,
+                    last_error: Some("target dialer is not responding".to_owned()),
+                    forward_restarts: 0,
+                }),
+            }
+        }
+        all
+    }
+
+    /// Stops every dialer (in-flight requests are answered with `ShuttingDown`).
+    pub fn stop_all(&self) {
+        for dialer in self.by_name.values() {
+            dialer.stop(None);
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! The agent's actors: the supervisor, the session to the hub (with its key exchange), one
+//! dialer per declared target and one forward per in-flight request. [`run::start`] builds the
+//! tree from a validated config.ini.
+
+pub mod dialer;
+pub mod forward;
+pub mod run;
+pub mod session;
+pub mod supervisor;
+
+pub use dialer::{Dialers, TargetDialer};
+pub use forward::Forward;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,490 @@
+//! The HTTP/1.1 client of one target: connect (with or without TLS), send, read a bounded
+//! response, keep idle connections for reuse, and bound how many requests run at once.
+//!
+//! This module owns the sockets toward one target. The TCP address always comes from the
+//! target's declaration; the request only supplies the `Host` header and the TLS server name.
+//! It must never resend a request that may have reached the target, except the idempotent
+//! methods after a reused connection turned out dead.
+
+use std::error::Error as StdError;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::CONTENT_LENGTH;
+use http::{Method, Response};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+
+use super::request::{self, Prepared};
+use super::tls::{self, SkipContext, TlsConfigs, TlsSetupError};
+use crate::messages::agent::{DialerLimits, TargetSpec, TargetTls};
+use crate::messages::{ForwardError, ForwardRequest, HttpResponse, Scheme};
+
+/// Used when a request carries `timeout_ms == 0`.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An idle connection older than this is closed rather than reused: servers commonly drop idle
+/// connections after about a minute, and a fresh one is cheaper than a failed attempt.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
+
+/// How long a finished connection may take to become ready again before it is given up.
+const READY_GRACE: Duration = Duration::from_secs(5);
+
+type Sender = SendRequest<Full<Bytes>>;
+
+/// What a connection was opened for: a connection is reused only for requests that would
+/// have opened the same one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ConnKey {
+    Plain,
+    Tls {
+        server_name: ServerName<'static>,
+        skip_verify: bool,
+    },
+}
+
+struct Idle {
+    key: ConnKey,
+    sender: Sender,
+    since: Instant,
+}
+
+/// Idle keep-alive connections of one target.
+struct Pool {
+    max_idle: usize,
+    idle: Mutex<Vec<Idle>>,
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        // The vector stays consistent even if a holder panicked: every operation on it is a
+        // single push/remove/retain.
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The most recently used live connection for `key`, if any. Dead and stale ones found
+    /// on the way are dropped.
+    fn checkout(&self, key: &ConnKey) -> Option<Sender> {
+        let mut idle = self.lock();
+        idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE_TIMEOUT);
+        let position = idle
+            .iter()
+            .rposition(|c| &c.key == key && c.sender.is_ready())?;
+        Some(idle.remove(position).sender)
+    }
+
+    fn put(&self, key: ConnKey, sender: Sender) {
+        if self.max_idle == 0 || sender.is_closed() {
+            return;
+        }
+        let mut idle = self.lock();
+        idle.retain(|c| !c.sender.is_closed());
+        if idle.len() >= self.max_idle {
+            idle.remove(0);
+        }
+        idle.push(Idle {
+            key,
+            sender,
+            since: Instant::now(),
+        });
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Progress of one request, so that a timeout can say whether the target never accepted the
+/// connection or never answered.
+const PHASE_WAITING: u8 = 0;
+const PHASE_CONNECTING: u8 = 1;
+const PHASE_EXCHANGING: u8 = 2;
+
+/// The client of one declared target. Shared (behind an `Arc`) by all forwards in flight.
+pub struct TargetClient {
+    spec: TargetSpec,
+    limits: DialerLimits,
+    permits: Arc<Semaphore>,
+    pool: Arc<Pool>,
+    tls: TlsConfigs,
+}
+
+impl std::fmt::Debug for TargetClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetClient")
+            .field("name", &self.spec.name)
+            .field("addr", &self.spec.addr)
+            .field("tls", &self.spec.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Joins an error and its sources into one line.
+fn chain(err: &(dyn StdError + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::PUT | Method::DELETE)
+}
+
+impl TargetClient {
+    /// A client for `spec`. `permits` bounds the requests in flight; pass the same semaphore
+    /// to the client that replaces this one after a configuration change, so the bound holds
+    /// across the change.
+    pub fn new(
+        spec: TargetSpec,
+        limits: DialerLimits,
+        permits: Arc<Semaphore>,
+    ) -> Result<Self, TlsSetupError> {
+        let tls = TlsConfigs::new(&spec.name, spec.extra_roots.clone())?;
+        Ok(TargetClient {
+            pool: Arc::new(Pool {
+                max_idle: limits.max_idle_per_target,
+                idle: Mutex::new(Vec::new()),
+            }),
+            spec,
+            limits,
+            permits,
+            tls,
+        })
+    }
+
+    /// The declaration this client serves.
+    pub fn spec(&self) -> &TargetSpec {
+        &self.spec
+    }
+
+    /// Idle connections currently kept for reuse.
+    pub fn idle_connections(&self) -> usize {
+        self.pool.len()
+    }
+
+    /// Forwards `req` to the target and returns its answer, or the typed reason there is none.
+    /// A request refused by the checks never opens a connection.
+    pub async fn forward(&self, req: &ForwardRequest) -> Result<HttpResponse, ForwardError> {
+        let prepared = request::prepare(req)?;
+        let key = self.conn_key(req)?;
+        let (timeout, timeout_ms) = if req.timeout_ms == 0 {
+            let ms = DEFAULT_RESPONSE_TIMEOUT.as_millis();
+            (
+                DEFAULT_RESPONSE_TIMEOUT,
+                u32::try_from(ms).unwrap_or(u32::MAX),
+            )
+        } else {
+            (
+                Duration::from_millis(u64::from(req.timeout_ms)),
+                req.timeout_ms,
+            )
+        };
+        let phase = AtomicU8::new(PHASE_WAITING);
+        match tokio::time::timeout(timeout, self.exchange(req, &prepared, key, &phase)).await {
+            Ok(result) => result,
+            Err(_) if phase.load(Ordering::Relaxed) == PHASE_CONNECTING => {
+                Err(ForwardError::ConnectTimeout {
+                    addr: self.spec.addr.clone(),
+                })
+            }
+            Err(_) => Err(ForwardError::ResponseTimeout {
+                addr: self.spec.addr.clone(),
+                timeout_ms,
+            }),
+        }
+    }
+
+    /// Decides plain or TLS, and for TLS the server name and whether certificates are checked.
+    fn conn_key(&self, req: &ForwardRequest) -> Result<ConnKey, ForwardError> {
+        let use_tls = match (self.spec.tls, req.scheme) {
+            (TargetTls::Always, _) => true,
+            (TargetTls::Never, _) => false,
+            (TargetTls::FromScheme, Scheme::Https) => true,
+            (TargetTls::FromScheme, Scheme::Http) => false,
+        };
+        if !use_tls {
+            return Ok(ConnKey::Plain);
+        }
+        let server_name = tls::server_name(&req.host).ok_or_else(|| ForwardError::Refused {
+            reason: format!(
+                "host `{}` is not a valid TLS server name (DNS name or IP address)",
+                req.host
+            ),
+        })?;
+        Ok(ConnKey::Tls {
+            server_name,
+            skip_verify: req.skip_tls_verify && self.spec.insecure_allow_skip_tls_check,
+        })
+    }
+
+    async fn exchange(
+        &self,
+        req: &ForwardRequest,
+        prepared: &Prepared,
+        key: ConnKey,
+        phase: &AtomicU8,
+    ) -> Result<HttpResponse, ForwardError> {
+        let id = req.id;
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| ForwardError::ShuttingDown)?;
+
+        let mut request = prepared.to_request();
+        phase.store(PHASE_EXCHANGING, Ordering::Relaxed);
+        while let Some(mut sender) = self.pool.checkout(&key) {
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    tracing::debug!(request_id = id, target_name = %self.spec.name, "sent on a reused connection");
+                    return self.read_response(id, response, sender, key).await;
+                }
+                Err(mut failed) => match failed.take_message() {
+                    Some(unsent) => {
+                        tracing::debug!(
+                            request_id = id,
+                            target_name = %self.spec.name,
+                            "reused connection was closed before the request left; trying another"
+                        );
+                        request = unsent;
+                    }
+                    None if is_idempotent(prepared.method())
+                        && failed.error().is_incomplete_message() =>
+                    {
+                        tracing::debug!(
+                            request_id = id,
+                            target_name = %self.spec.name,
+                            "reused connection closed without an answer; resending idempotent request on a new connection"
+                        );
+                        request = prepared.to_request();
+                        break;
+                    }
+                    None => return Err(self.network(failed.error())),
+                },
+            }
+        }
+
+        phase.store(PHASE_CONNECTING, Ordering::Relaxed);
+        let mut sender = self.connect(req, &key).await?;
+        phase.store(PHASE_EXCHANGING, Ordering::Relaxed);
+        match sender.try_send_request(request).await {
+            Ok(response) => self.read_response(id, response, sender, key).await,
+            Err(failed) => Err(self.network(&failed.into_error())),
+        }
+    }
+
+    fn network(&self, err: &(dyn StdError + 'static)) -> ForwardError {
+        ForwardError::Network {
+            addr: self.spec.addr.clone(),
+            detail: chain(err),
+        }
+    }
+
+    /// Opens a new connection: resolve, TCP connect (TCP_NODELAY), TLS if asked, HTTP/1.1
+    /// handshake. Resolution, and then connect plus TLS handshake, each take at most the
+    /// connect timeout.
+    async fn connect(&self, req: &ForwardRequest, key: &ConnKey) -> Result<Sender, ForwardError> {
+        let addr = &self.spec.addr;
+        let connect_timeout = self.limits.connect_timeout;
+        let started = Instant::now();
+
+        let resolved =
+            match tokio::time::timeout(connect_timeout, tokio::net::lookup_host(addr)).await {
+                Err(_) => {
+                    return Err(ForwardError::Dns {
+                        addr: addr.clone(),
+                        detail: format!("no answer within {} s", connect_timeout.as_secs_f32()),
+                    })
+                }
+                Ok(Err(e)) => {
+                    return Err(ForwardError::Dns {
+                        addr: addr.clone(),
+                        detail: e.to_string(),
+                    })
+                }
+                Ok(Ok(found)) => found.collect::<Vec<_>>(),
+            };
+        if resolved.is_empty() {
+            return Err(ForwardError::Dns {
+                addr: addr.clone(),
+                detail: "the name has no address".to_owned(),
+            });
+        }
+
+        let deadline = Instant::now() + connect_timeout;
+        let stream = tokio::time::timeout_at(deadline, self.connect_any(&resolved))
+            .await
+            .map_err(|_| ForwardError::ConnectTimeout { addr: addr.clone() })??;
+        stream.set_nodelay(true).map_err(|e| self.network(&e))?;
+
+        let sender = match key {
+            ConnKey::Plain => self.handshake(stream).await?,
+            ConnKey::Tls {
+                server_name,
+                skip_verify,
+            } => {
+                let config = if *skip_verify {
+                    self.tls.insecure()
+                } else {
+                    self.tls.verified().await.map_err(|e| ForwardError::Tls {
+                        addr: addr.clone(),
+                        detail: format!("cannot prepare certificate verification: {e}"),
+                    })?
+                };
+                let skip = if *skip_verify {
+                    SkipContext::Skipped
+                } else if req.skip_tls_verify {
+                    SkipContext::RequestedNotAllowed
+                } else {
+                    SkipContext::NotRequested
+                };
+                let connector = TlsConnector::from(config);
+                let tls_stream = tokio::time::timeout_at(
+                    deadline,
+                    connector.connect(server_name.clone(), stream),
+                )
+                .await
+                .map_err(|_| ForwardError::ConnectTimeout { addr: addr.clone() })?
+                .map_err(|e| ForwardError::Tls {
+                    addr: addr.clone(),
+                    detail: tls::describe_handshake_error(&e, &self.spec.name, skip),
+                })?;
+                self.handshake(tls_stream).await?
+            }
+        };
+        tracing::debug!(
+            request_id = req.id,
+            target_name = %self.spec.name,
+            tls = matches!(key, ConnKey::Tls { .. }),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "opened connection to target"
+        );
+        Ok(sender)
+    }
+
+    /// Tries each resolved address in turn. All refused → `ConnectRefused`; otherwise the last
+    /// other failure.
+    async fn connect_any(
+        &self,
+        resolved: &[std::net::SocketAddr],
+    ) -> Result<TcpStream, ForwardError> {
+        let mut last_other = None;
+        for address in resolved {
+            match TcpStream::connect(address).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    last_other = Some(ForwardError::ConnectTimeout {
+                        addr: self.spec.addr.clone(),
+                    })
+                }
+                Err(e) => last_other = Some(self.network(&e)),
+            }
+        }
+        Err(last_other.unwrap_or_else(|| ForwardError::ConnectRefused {
+            addr: self.spec.addr.clone(),
+        }))
+    }
+
+    async fn handshake<T>(&self, io: T) -> Result<Sender, ForwardError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| self.network(&e))?;
+        let name = self.spec.name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(target_name = %name, error = %chain(&e), "connection to target ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Reads the whole body within the size limit, then hands the connection back to the pool
+    /// once it can carry another request.
+    async fn read_response(
+        &self,
+        id: u64,
+        response: Response<Incoming>,
+        sender: Sender,
+        key: ConnKey,
+    ) -> Result<HttpResponse, ForwardError> {
+        let limit = self.limits.max_response_bytes;
+        let too_large = || ForwardError::TooLarge {
+            addr: self.spec.addr.clone(),
+            limit: limit as u64,
+        };
+        let (parts, body) = response.into_parts();
+        let declared = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit as u64) {
+            // Dropping the unread body makes hyper close this connection.
+            return Err(too_large());
+        }
+        let body = Limited::new(body, limit)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.downcast_ref::<LengthLimitError>().is_some() {
+                    too_large()
+                } else {
+                    ForwardError::Network {
+                        addr: self.spec.addr.clone(),
+                        detail: format!("response body interrupted: {}", chain(e.as_ref())),
+                    }
+                }
+            })?
+            .to_bytes();
+        self.release(id, sender, key);
+        Ok(HttpResponse {
+            status: parts.status.as_u16(),
+            headers: request::response_headers(&parts.headers),
+            body: body.to_vec(),
+        })
+    }
+
+    fn release(&self, id: u64, mut sender: Sender, key: ConnKey) {
+        if self.pool.max_idle == 0 || sender.is_closed() {
+            return;
+        }
+        if sender.is_ready() {
+            self.pool.put(key, sender);
+            return;
+        }
+        // hyper marks the connection ready only after its task has finished the previous
+        // exchange; wait for that in the background rather than delaying the answer.
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(READY_GRACE, sender.ready()).await {
+                Ok(Ok(())) => pool.put(key, sender),
+                _ => tracing::trace!(request_id = id, "connection not reusable"),
+            }
+        });
+    }
+}
