@@ -6,7 +6,7 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use tokio::task::JoinHandle;
 
-use super::dialer::{DialerLimits, TargetSpec, TargetTls};
+use crate::messages::agent::{DialerLimits, TargetSpec, TargetTls};
 use super::session::HubEndpoint;
 use super::supervisor::{AgentSupervisor, AgentSupervisorArgs, AgentSupervisorMsg, SessionTemplate};
 use crate::config::agent::{AgentConfig, TlsMode};

@@ -9,7 +9,8 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tracing::{error, warn};
 
-use super::dialer::{DialerLimits, Dialers, TargetSpec};
+use super::dialer::Dialers;
+use crate::messages::agent::{DialerLimits, TargetSpec};
 use super::session::{Session, SessionArgs};
 use crate::messages::agent::SessionMsg;
 
