@@ -351,3 +351,178 @@ impl Directory {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn p() -> PathBuf {
+        PathBuf::from("/srv/hub/directory.json")
+    }
+
+    fn user(id: &str, name: &str) -> serde_json::Value {
+        serde_json::json!({"id": id, "userName": name})
+    }
+
+    fn group(id: &str, name: &str, members: &[(&str, &str)]) -> serde_json::Value {
+        let members: Vec<_> = members.iter().map(|(v, t)| serde_json::json!({"value": v, "type": t})).collect();
+        serde_json::json!({"id": id, "displayName": name, "members": members})
+    }
+
+    fn dir(users: Vec<serde_json::Value>, groups: Vec<serde_json::Value>) -> Result<Directory, ConfigError> {
+        Directory::parse(&serde_json::json!({"users": users, "groups": groups}).to_string(), &p())
+    }
+
+    fn err(users: Vec<serde_json::Value>, groups: Vec<serde_json::Value>) -> String {
+        let m = dir(users, groups).unwrap_err().to_string();
+        assert!(!m.contains('\n'), "{m}");
+        assert!(m.starts_with("/srv/hub/directory.json: "), "{m}");
+        m
+    }
+
+    fn rule(groups: &[&str], users: &[&str]) -> AccessRule {
+        AccessRule {
+            groups: groups.iter().map(|s| s.to_string()).collect(),
+            users: users.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn parses_scim_shaped_json_with_defaults() {
+        let text = r#"{"users": [{"id": "u1", "userName": "alice", "displayName": "Alice",
+            "name": {"givenName": "Alice", "familyName": "L", "formatted": "Alice L"},
+            "emails": [{"value": "a@x", "type": "work", "primary": true}, {"value": "b@x"}], "active": false},
+            {"id": "u2", "userName": "bob"}],
+            "groups": [{"id": "g1", "displayName": "Eng", "members": [{"value": "u1", "type": "User"}, {"value": "u2"}]}]}"#;
+        let d = Directory::parse(text, &p()).unwrap();
+        let a = &d.users[0];
+        assert_eq!((a.id.as_str(), a.user_name.as_str(), a.display_name.as_deref(), a.active), ("u1", "alice", Some("Alice"), false));
+        assert_eq!(a.name.as_ref().unwrap().family_name.as_deref(), Some("L"));
+        assert_eq!(a.emails[0], Email { value: "a@x".into(), kind: Some("work".into()), primary: true });
+        assert_eq!(a.emails[1], Email { value: "b@x".into(), kind: None, primary: false });
+        assert!(d.users[1].active);
+        assert_eq!(d.groups[0].members[1].kind, MemberKind::User);
+        assert_eq!(Directory::parse("{}", &p()).unwrap(), Directory::default());
+    }
+
+    #[test]
+    fn json_errors_name_line_and_column() {
+        let m = Directory::parse("{\n \"users\": [\n  {\"id\": \"u1\", \"userNmae\": \"a\"}\n ]\n}", &p()).unwrap_err().to_string();
+        assert!(m.starts_with("/srv/hub/directory.json:3: column "), "{m}");
+        assert!(m.contains("unknown field `userNmae`"), "{m}");
+        assert!(!m.contains("at line"), "{m}");
+        let m = Directory::parse("{\"users\": [", &p()).unwrap_err().to_string();
+        assert!(m.starts_with("/srv/hub/directory.json:1: column"), "{m}");
+        let m = Directory::parse(r#"{"users": [{"id": "u1"}]}"#, &p()).unwrap_err().to_string();
+        assert!(m.contains("missing field `userName`"), "{m}");
+    }
+
+    #[test]
+    fn validation_errors() {
+        let m = err(vec![user("u1", "a"), user("u1", "b")], vec![]);
+        assert!(m.contains("`users[1].id` = \"u1\": users[0] has the same id; give every user its own id"), "{m}");
+        let m = err(vec![user("u1", "Alice"), user("u2", "alice")], vec![]);
+        assert!(m.contains("`users[1].userName` = \"alice\": users[0] has the same userName"), "{m}");
+        let m = err(vec![user(" ", "a")], vec![]);
+        assert!(m.contains("`users[0].id` = \" \": the id is empty"), "{m}");
+        let m = err(vec![user("u1", "")], vec![]);
+        assert!(m.contains("`users[0].userName` = \"\": the userName is empty"), "{m}");
+        let m = err(vec![], vec![group("g1", "A", &[]), group("g1", "B", &[])]);
+        assert!(m.contains("`groups[1].id` = \"g1\": groups[0] has the same id"), "{m}");
+        let m = err(vec![], vec![group("g1", "Eng", &[]), group("g2", "ENG", &[])]);
+        assert!(m.contains("`groups[1].displayName` = \"ENG\": groups[0] has the same displayName"), "{m}");
+        let m = err(vec![], vec![group("g1", "", &[])]);
+        assert!(m.contains("the displayName is empty"), "{m}");
+        let m = err(vec![user("u1", "a")], vec![group("g1", "Eng", &[("u1", "User"), ("u9", "User")])]);
+        assert!(m.contains("`groups[0].members[1].value` = \"u9\": group \"g1\" has a member of type User that is not a user id in this file; add the user or remove the member"), "{m}");
+        let m = err(vec![user("u1", "a")], vec![group("g1", "Eng", &[("g2", "User")]), group("g2", "Ops", &[])]);
+        assert!(m.contains("it is a group id: set \"type\": \"Group\""), "{m}");
+        let m = err(vec![user("u1", "a")], vec![group("g1", "Eng", &[("u1", "Group")])]);
+        assert!(m.contains("type Group that is not a group id") && m.contains("set \"type\": \"User\""), "{m}");
+    }
+
+    fn sample() -> Directory {
+        dir(
+            vec![user("u3", "carol"), user("u1", "alice"), user("u2", "bob"), user("u4", "dave"), user("u5", "eve")],
+            vec![
+                group("g-eng", "Engineering", &[("u1", "User"), ("g-plat", "Group")]),
+                group("g-plat", "Platform", &[("u2", "User"), ("g-sre", "Group")]),
+                group("g-sre", "SRE", &[("u3", "User")]),
+                group("g-sales", "Sales", &[("u4", "User")]),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn ids(g: &Granted) -> Vec<&str> {
+        g.users.iter().map(|u| u.id.as_str()).collect()
+    }
+
+    #[test]
+    fn granted_flattens_nested_groups() {
+        let d = sample();
+        let g = d.granted(&rule(&["engineering"], &[]));
+        assert_eq!(ids(&g), ["u1", "u2", "u3"]);
+        assert_eq!(g.groups.len(), 1);
+        assert_eq!(g.groups[0].id, "g-eng");
+        assert_eq!(g.groups[0].display_name, "Engineering");
+        assert_eq!(g.groups[0].member_user_ids, ["u1", "u2", "u3"]);
+        assert!(g.unknown_groups.is_empty() && g.unknown_users.is_empty());
+    }
+
+    #[test]
+    fn granted_users_directly_by_id_or_username() {
+        let d = sample();
+        let g = d.granted(&rule(&["g-sre", "Sales"], &["EVE", "u1", "u1", "nobody"]));
+        assert_eq!(ids(&g), ["u1", "u3", "u4", "u5"]);
+        assert_eq!(g.groups.iter().map(|x| x.id.as_str()).collect::<Vec<_>>(), ["g-sales", "g-sre"]);
+        assert_eq!(g.groups[1].member_user_ids, ["u3"]);
+        assert_eq!(g.unknown_users, ["nobody"]);
+        let g = d.granted(&rule(&["Nope"], &[]));
+        assert!(g.users.is_empty() && g.groups.is_empty());
+        assert_eq!(g.unknown_groups, ["Nope"]);
+        assert_eq!(d.granted(&AccessRule::default()), Granted::default());
+    }
+
+    #[test]
+    fn cycles_terminate_as_a_union() {
+        let d = dir(
+            vec![user("u1", "a"), user("u2", "b"), user("u3", "c")],
+            vec![
+                group("g1", "One", &[("u1", "User"), ("g2", "Group")]),
+                group("g2", "Two", &[("u2", "User"), ("g3", "Group")]),
+                group("g3", "Three", &[("u3", "User"), ("g1", "Group"), ("g3", "Group")]),
+            ],
+        )
+        .unwrap();
+        for start in ["One", "Two", "g3"] {
+            let g = d.granted(&rule(&[start], &[]));
+            assert_eq!(ids(&g), ["u1", "u2", "u3"], "{start}");
+            assert_eq!(g.groups[0].member_user_ids, ["u1", "u2", "u3"]);
+        }
+    }
+
+    #[test]
+    fn save_round_trips_atomically() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("directory.json");
+        let d = sample();
+        d.save(&path).unwrap();
+        assert_eq!(Directory::load(&path).unwrap(), d);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"userName\": \"alice\"") && text.contains("\"type\": \"Group\""), "{text}");
+        assert!(!text.contains("\"active\""), "defaults are not written: {text}");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn sample_directory_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/directory.json");
+        let d = Directory::load(&path).unwrap();
+        let hub = super::super::hub::HubConfig::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hub.toml")).unwrap();
+        let g = d.granted(&hub.apps[0].grant);
+        assert_eq!(ids(&g), ["u-1001", "u-1002", "u-1003"]);
+        assert!(g.unknown_groups.is_empty() && g.unknown_users.is_empty());
+    }
+}

@@ -548,11 +548,12 @@ fn build_services(ctx: &Ctx<'_>, raw: Vec<Spanned<RawService>>) -> Result<Vec<Se
         let service_id = ctx
             .secret(&id_key, &s.service_id, &s.service_id_file)?
             .ok_or_else(|| ctx.missing(line, &id_key, "add `service_id = \"...\"`, `service_id = \"env:NAME\"` or `service_id_file = \"/path\"`"))?;
+        let id_line = s.service_id.as_ref().map(|v| ctx.line(v)).or(s.service_id_file.as_ref().map(|f| ctx.line(f))).flatten().or(line);
         let len = service_id.expose().chars().count();
         if len < MIN_SERVICE_ID_LEN {
             return Err(ConfigError::Invalid {
                 path: ctx.path.to_path_buf(),
-                line,
+                line: id_line,
                 key: id_key,
                 value: None,
                 reason: format!("the service id is only {len} characters long (at least {MIN_SERVICE_ID_LEN} expected)"),
@@ -562,7 +563,7 @@ fn build_services(ctx: &Ctx<'_>, raw: Vec<Spanned<RawService>>) -> Result<Vec<Se
         if let Some(other) = out.iter().find(|o| o.service_id == service_id) {
             return Err(ConfigError::Invalid {
                 path: ctx.path.to_path_buf(),
-                line,
+                line: id_line,
                 key: id_key,
                 value: None,
                 reason: format!("the same service id as service `{}`", other.name),
@@ -713,5 +714,274 @@ fn build_auth(ctx: &Ctx<'_>, key: &str, line: Option<usize>, a: &RawApp) -> Resu
             })
         }
         other => Err(ctx.invalid(mode, &k("auth"), Some(other), "unknown auth mode", "write \"bearer\", \"basic\" or \"none\"")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SID: &str = "0123456789abcdef0123";
+
+    fn p() -> PathBuf {
+        PathBuf::from("/etc/connect/hub.toml")
+    }
+
+    fn head() -> String {
+        format!(
+            "listen = \"0.0.0.0:8443\"\ntls_cert = \"hub-cert.pem\"\ntls_key = \"/keys/hub-key.pem\"\ndirectory = \"directory.json\"\n\n\
+             [admin]\ntoken = \"admin-secret-token\"\n\n[[services]]\nname = \"acme\"\nservice_id = \"{SID}\"\n\n"
+        )
+    }
+
+    fn app(extra: &str) -> String {
+        format!(
+            "{}[apps.crm]\nbase_url = \"https://crm.local:8443/scim/v2/\"\nservice = \"acme\"\ntarget = \"crm\"\nauth = \"bearer\"\ntoken = \"tok-abc\"\n{extra}",
+            head()
+        )
+    }
+
+    fn err(text: &str) -> String {
+        let msg = HubConfig::parse(text, &p()).unwrap_err().to_string();
+        assert!(!msg.contains('\n'), "multi-line: {msg}");
+        for secret in [SID, "admin-secret-token", "tok-abc", "pw-xyz"] {
+            assert!(!msg.contains(secret), "secret leaked: {msg}");
+        }
+        msg
+    }
+
+    #[test]
+    fn happy_path_and_defaults() {
+        let c = HubConfig::parse(&app(""), &p()).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(c.tls_cert, PathBuf::from("/etc/connect/hub-cert.pem"));
+        assert_eq!(c.tls_key, PathBuf::from("/keys/hub-key.pem"));
+        assert_eq!(c.state_dir, PathBuf::from("/etc/connect/state"));
+        assert_eq!(c.directory, PathBuf::from("/etc/connect/directory.json"));
+        assert_eq!(c.admin.listen, "127.0.0.1:8089".parse().unwrap());
+        assert_eq!(c.admin.token.expose(), "admin-secret-token");
+        let s = c.service("acme").unwrap();
+        assert_eq!((s.service_id.expose(), s.enabled), (SID, true));
+        let a = c.app("crm").unwrap();
+        assert_eq!(a.base_url.to_string(), "https://crm.local:8443/scim/v2");
+        assert_eq!((a.base_url.host.as_str(), a.base_url.sni_host.as_str(), a.base_url.path.as_str()), ("crm.local:8443", "crm.local", "/scim/v2"));
+        assert_eq!((a.service.as_str(), a.target.as_str()), ("acme", "crm"));
+        assert_eq!(a.deprovision, DeprovisionMode::Deactivate);
+        assert_eq!(a.interval, DEFAULT_INTERVAL);
+        assert_eq!(a.page_size, 100);
+        assert_eq!(a.request_timeout, Duration::from_secs(30));
+        assert!(!a.skip_tls_check);
+        assert_eq!(a.grant, AccessRule::default());
+        assert!(c.app("nope").is_none() && c.service("nope").is_none());
+        let debug = format!("{c:?}");
+        for secret in [SID, "admin-secret-token", "tok-abc"] {
+            assert!(!debug.contains(secret), "{debug}");
+        }
+    }
+
+    #[test]
+    fn every_app_field() {
+        let text = format!(
+            "{}[apps.hr]\nbase_url = \"http://[fd00::5]/\"\nservice = \"acme\"\ntarget = \"hr\"\nauth = \"basic\"\nusername = \"svc\"\npassword = \"pw-xyz\"\n\
+             skip_tls_check = true\ndeprovision = \"delete\"\ninterval = \"1h30m\"\ngrant_groups = [\"Engineering\", \"g-2\"]\ngrant_users = [\"alice\"]\n\
+             page_size = 500\nrequest_timeout = 45\n\n[apps.open]\nbase_url = \"https://scim.example.com\"\nservice = \"acme\"\ntarget = \"t\"\nauth = \"none\"\n",
+            head()
+        );
+        let c = HubConfig::parse(&text, &p()).unwrap();
+        assert_eq!(c.apps.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), ["hr", "open"]);
+        let a = c.app("hr").unwrap();
+        assert_eq!(a.base_url.to_string(), "http://[fd00::5]");
+        assert_eq!((a.base_url.https, a.base_url.sni_host.as_str(), a.base_url.path.as_str()), (false, "fd00::5", ""));
+        assert!(a.skip_tls_check);
+        assert_eq!(a.deprovision, DeprovisionMode::Delete);
+        assert_eq!(a.interval, Duration::from_secs(5400));
+        assert_eq!(a.grant.groups, ["Engineering", "g-2"]);
+        assert_eq!(a.grant.users, ["alice"]);
+        assert_eq!(a.page_size, 500);
+        assert_eq!(a.request_timeout, Duration::from_secs(45));
+        assert_eq!(a.auth.authorization().unwrap().expose(), "Basic c3ZjOnB3LXh5eg==");
+        assert_eq!(c.app("open").unwrap().auth, AuthConfig::None);
+        assert!(c.app("open").unwrap().auth.authorization().is_none());
+    }
+
+    #[test]
+    fn bearer_prefix_is_added_only_when_missing() {
+        let auth = |t: &str| AuthConfig::Bearer { token: Secret::new(t) }.authorization().unwrap().expose().to_string();
+        assert_eq!(auth("abc"), "Bearer abc");
+        assert_eq!(auth("Bearer abc"), "Bearer abc");
+        assert_eq!(auth("bearer abc"), "bearer abc");
+        assert_eq!(auth("  abc \n"), "Bearer abc");
+        assert_eq!(auth("Bearerabc"), "Bearer Bearerabc");
+    }
+
+    #[test]
+    fn secrets_from_env_and_files() {
+        std::env::set_var("SCIM_CONNECT_TEST_HUB_TOKEN", "env-token");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("acme.id"), format!("{SID}\n")).unwrap();
+        std::fs::write(dir.path().join("admin.token"), "file-admin\n").unwrap();
+        let text = "listen = \"0.0.0.0:8443\"\ntls_cert = \"c\"\ntls_key = \"k\"\ndirectory = \"d\"\n[admin]\nlisten = \"127.0.0.1:9000\"\ntoken_file = \"admin.token\"\n\
+                    [[services]]\nname = \"acme\"\nservice_id_file = \"acme.id\"\nenabled = false\n\
+                    [apps.a]\nbase_url = \"https://h/\"\nservice = \"acme\"\ntarget = \"t\"\nauth = \"bearer\"\ntoken = \"env:SCIM_CONNECT_TEST_HUB_TOKEN\"\n";
+        let c = HubConfig::parse(text, &dir.path().join("hub.toml")).unwrap();
+        assert_eq!(c.admin.token.expose(), "file-admin");
+        assert_eq!(c.admin.listen.port(), 9000);
+        assert_eq!(c.services[0].service_id.expose(), SID);
+        assert!(!c.services[0].enabled);
+        assert_eq!(c.apps[0].auth.authorization().unwrap().expose(), "Bearer env-token");
+        let m = err(&app("").replace("tok-abc", "env:SCIM_CONNECT_TEST_HUB_UNSET"));
+        assert!(m.contains(":18: `apps.crm.token`: environment variable SCIM_CONNECT_TEST_HUB_UNSET is not set"), "{m}");
+    }
+
+    #[test]
+    fn toml_errors_name_the_line() {
+        let m = err(&app("tokn = \"x\"\n"));
+        assert!(m.starts_with("/etc/connect/hub.toml:19: unknown field `tokn`, expected one of"), "{m}");
+        assert!(m.contains("config/hub.toml in the project is a commented sample"), "{m}");
+        let m = err("listen = \n");
+        assert!(m.starts_with("/etc/connect/hub.toml:1: "), "{m}");
+        let m = err(&head().replace("token = \"admin-secret-token\"", "token = 12345"));
+        assert!(m.contains(":7: ") && m.contains("expected a string") && !m.contains("12345"), "{m}");
+        let m = err(&app("skip_tls_check = \"yes\"\n"));
+        assert!(m.contains(":19: "), "{m}");
+    }
+
+    #[test]
+    fn missing_fields() {
+        let cases = [
+            ("listen = \"0.0.0.0:8443\"\n", "", "hub.toml: missing `listen`; add `listen ="),
+            ("tls_cert = \"hub-cert.pem\"\n", "", "missing `tls_cert`; add"),
+            ("tls_key = \"/keys/hub-key.pem\"\n", "", "missing `tls_key`; add"),
+            ("directory = \"directory.json\"\n", "", "missing `directory`; add"),
+            ("[admin]\ntoken = \"admin-secret-token\"\n", "", "missing `admin`; add an [admin] section"),
+            ("token = \"admin-secret-token\"\n", "", ":6: missing `admin.token`; add `token ="),
+            ("service_id = \"0123456789abcdef0123\"\n", "", ":9: missing `services.acme.service_id`; add"),
+            ("name = \"acme\"\n", "", ":9: missing `services[0].name`; add `name ="),
+        ];
+        for (remove, add, want) in cases {
+            let text = head().replace(remove, add);
+            assert_ne!(text, head());
+            let m = err(&text);
+            assert!(m.contains(want), "{remove}: {m}");
+        }
+        for (field, written) in [
+            ("base_url", "base_url = \"https://crm.local:8443/scim/v2/\"\n"),
+            ("service", "service = \"acme\"\n"),
+            ("target", "target = \"crm\"\n"),
+            ("auth", "auth = \"bearer\"\n"),
+            ("token", "token = \"tok-abc\"\n"),
+        ] {
+            let text = app("").replace(written, "");
+            assert_ne!(text, app(""));
+            let m = err(&text);
+            // The line of the [apps.crm] header.
+            assert!(m.contains(&format!(":13: missing `apps.crm.{field}`; add")), "{field}: {m}");
+        }
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("base_url = \"https://crm.local:8443/scim/v2/\"", "base_url = \"ftp://x/\"", ":14: `apps.crm.base_url` = \"ftp://x/\": scheme `ftp` is not supported"),
+            ("base_url = \"https://crm.local:8443/scim/v2/\"", "base_url = \"https://u:p@h/\"", "credentials do not belong in the URL"),
+            ("base_url = \"https://crm.local:8443/scim/v2/\"", "base_url = \"https://h/s?x=1\"", "no query or fragment"),
+            ("base_url = \"https://crm.local:8443/scim/v2/\"", "base_url = \"https://h:0/\"", "out of range"),
+            ("service = \"acme\"\ntarget", "service = \"other\"\ntarget", ":15: `apps.crm.service` = \"other\": no [[services]] entry has this name; use one of: acme"),
+            ("target = \"crm\"", "target = \"c r m\"", ":16: `apps.crm.target` = \"c r m\""),
+            ("auth = \"bearer\"", "auth = \"oauth\"", ":17: `apps.crm.auth` = \"oauth\": unknown auth mode; write \"bearer\", \"basic\" or \"none\""),
+            ("listen = \"0.0.0.0:8443\"", "listen = \"localhost:8443\"", ":1: `listen` = \"localhost:8443\": not an ip:port address; write it like"),
+            ("[admin]\n", "[admin]\nlisten = \"1.2.3.4\"\n", ":7: `admin.listen` = \"1.2.3.4\": not an ip:port"),
+            ("service_id = \"0123456789abcdef0123\"", "service_id = \"short\"", ":11: `services.acme.service_id`: the service id is only 5 characters long"),
+            ("name = \"acme\"", "name = \"ac me\"", ":10: `services[0].name` = \"ac me\""),
+        ];
+        for (from, to, want) in cases {
+            let text = app("").replacen(from, to, 1);
+            assert_ne!(text, app(""), "{from}");
+            let m = err(&text);
+            assert!(m.contains(want), "{to}: {m}");
+        }
+        let extra: &[(&str, &str)] = &[
+            ("deprovision = \"archive\"\n", ":19: `apps.crm.deprovision` = \"archive\": unknown mode; write \"delete\" or \"deactivate\""),
+            ("interval = \"5 minutes\"\n", ":19: `apps.crm.interval`: unknown unit"),
+            ("interval = \"300\"\n", ":19: `apps.crm.interval`: `300` has no unit; add s, m or h"),
+            ("interval = \"0s\"\n", ":19: `apps.crm.interval`: 0 s is outside 1 s ..= 604800 s"),
+            ("request_timeout = \"1h\"\n", ":19: `apps.crm.request_timeout`: 3600 s is outside"),
+            ("page_size = 0\n", ":19: `apps.crm.page_size` = \"0\": outside 1..=1000"),
+            ("page_size = 1001\n", "outside 1..=1000"),
+            ("grant_users = [\"\"]\n", ":19: `apps.crm.grant_users`: an entry is empty"),
+            ("username = \"u\"\n", ":19: `apps.crm.username`: is set but auth = \"bearer\" does not use it; remove it, or change auth"),
+        ];
+        for (line, want) in extra {
+            let m = err(&app(line));
+            assert!(m.contains(want), "{line}: {m}");
+        }
+        let m = err(&app("").replace("[apps.crm]", "[apps.\"c r m\"]"));
+        assert!(m.contains(":13: `apps.c r m` = \"c r m\": app name:"), "{m}");
+    }
+
+    #[test]
+    fn auth_combinations() {
+        let basic = app("").replace("auth = \"bearer\"\ntoken = \"tok-abc\"\n", "auth = \"basic\"\nusername = \"a:b\"\npassword = \"pw-xyz\"\n");
+        let m = err(&basic);
+        assert!(m.contains(":18: `apps.crm.username` = \"a:b\": a basic-auth user name is non-empty and has no `:`"), "{m}");
+        let m = err(&basic.replace("username = \"a:b\"\n", ""));
+        assert!(m.contains(":13: missing `apps.crm.username`"), "{m}");
+        let m = err(&basic.replace("username = \"a:b\"", "username = \"u\"").replace("password = \"pw-xyz\"\n", ""));
+        assert!(m.contains(":13: missing `apps.crm.password`"), "{m}");
+        let m = err(&app("token_file = \"t\"\n"));
+        assert!(m.contains(":19: `apps.crm.token_file`: both `apps.crm.token` and `apps.crm.token_file` are given; keep only one"), "{m}");
+        let m = err(&app("").replace("auth = \"bearer\"", "auth = \"none\""));
+        assert!(m.contains(":18: `apps.crm.token`: is set but auth = \"none\" does not use it"), "{m}");
+    }
+
+    #[test]
+    fn services_must_be_unique() {
+        let dup_id = format!("{}[[services]]\nname = \"other\"\nservice_id = \"{SID}\"\n", head());
+        let m = err(&dup_id);
+        assert!(m.contains(":15: `services.other.service_id`: the same service id as service `acme`; give every service its own id"), "{m}");
+        let dup_name = format!("{}[[services]]\nname = \"acme\"\nservice_id = \"another-long-service-id\"\n", head());
+        let m = err(&dup_name);
+        assert!(m.contains(":14: `services.acme.name` = \"acme\": another service has the same name"), "{m}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172800));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        for bad in ["", "m", "5", "5x", "1.5h", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        let m = err(&app("interval = -5\n"));
+        assert!(m.contains(":19: `apps.crm.interval`: -5 seconds is negative"), "{m}");
+    }
+
+    #[test]
+    fn base_urls() {
+        let u = BaseUrl::parse("HTTPS://Scim.Example.com:443/v2//").unwrap();
+        assert_eq!((u.https, u.host.as_str(), u.sni_host.as_str(), u.path.as_str()), (true, "Scim.Example.com:443", "Scim.Example.com", "/v2"));
+        assert_eq!(u.to_string(), "https://Scim.Example.com:443/v2");
+        for bad in ["scim.example.com/v2", "https:///v2", "https://h h/", "https://[::1/"] {
+            assert!(BaseUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn load_names_the_missing_file() {
+        let m = HubConfig::load(Path::new("/nonexistent/hub.toml")).unwrap_err().to_string();
+        assert!(m.starts_with("/nonexistent/hub.toml: cannot read the file"), "{m}");
+    }
+
+    #[test]
+    fn sample_hub_toml_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hub.toml");
+        let c = HubConfig::load(&path).unwrap();
+        assert_eq!(c.services.len(), 1);
+        let app = &c.apps[0];
+        assert_eq!(c.service(&app.service).map(|s| s.name.as_str()), Some("acme"));
+        assert_eq!(c.directory, path.parent().unwrap().join("directory.json"));
     }
 }
