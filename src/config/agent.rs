@@ -33,7 +33,12 @@ const TOP_KEYS: &[&str] = &[
 ];
 
 /// Keys of a `[target.<name>]` section.
-const TARGET_KEYS: &[&str] = &["addr", "always_tls", "no_tls", "insecure_allow_skip_tls_check"];
+const TARGET_KEYS: &[&str] = &[
+    "addr",
+    "always_tls",
+    "no_tls",
+    "insecure_allow_skip_tls_check",
+];
 
 /// Section name prefix of a target.
 const TARGET_PREFIX: &str = "target.";
@@ -91,9 +96,10 @@ pub struct TargetConfig {
 }
 
 /// TLS toward a target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum TlsMode {
     /// TLS when the application's base URL is `https://`.
+    #[default]
     FromScheme,
     /// Always TLS (`always_tls = true`).
     Always,
@@ -160,14 +166,25 @@ pub fn parse_hub_url(url: &str) -> Result<HubEndpoint, String> {
     };
     match scheme.as_str() {
         "wss" => {}
-        "ws" => return Err("plain ws:// is not allowed, the tunnel always runs over TLS; use wss://".into()),
-        "https" | "http" => return Err(format!("{scheme}:// is not a websocket URL; use wss:// with the same host and path")),
+        "ws" => {
+            return Err(
+                "plain ws:// is not allowed, the tunnel always runs over TLS; use wss://".into(),
+            )
+        }
+        "https" | "http" => {
+            return Err(format!(
+                "{scheme}:// is not a websocket URL; use wss:// with the same host and path"
+            ))
+        }
         other => return Err(format!("scheme `{other}` is not supported; use wss://")),
     }
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(end);
     if authority.contains('@') {
-        return Err("the hub URL must not contain credentials; the service id authenticates the agent".into());
+        return Err(
+            "the hub URL must not contain credentials; the service id authenticates the agent"
+                .into(),
+        );
     }
     if path.contains('#') {
         return Err("the hub URL must not contain a #fragment".into());
@@ -179,7 +196,11 @@ pub fn parse_hub_url(url: &str) -> Result<HubEndpoint, String> {
     Ok(HubEndpoint {
         host: a.bare_host,
         port: a.port.unwrap_or(443),
-        path: if path.is_empty() { "/".into() } else { path.to_string() },
+        path: if path.is_empty() {
+            "/".into()
+        } else {
+            path.to_string()
+        },
     })
 }
 
@@ -191,7 +212,11 @@ fn parse_proxy_url(url: &str) -> Result<ProxyConfig, String> {
     let scheme_https = match scheme.as_str() {
         "http" => false,
         "https" => true,
-        other => return Err(format!("scheme `{other}` is not supported; use http:// or https://")),
+        other => {
+            return Err(format!(
+                "scheme `{other}` is not supported; use http:// or https://"
+            ))
+        }
     };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     // The last `@` ends the credentials, so an unencoded `@` in a password still works.
@@ -200,7 +225,10 @@ fn parse_proxy_url(url: &str) -> Result<ProxyConfig, String> {
         None => (None, rest),
     };
     if hostport.contains(['/', '?', '#']) {
-        return Err("a proxy URL has no path, query or fragment; write http(s)://[user:password@]host:port".into());
+        return Err(
+            "a proxy URL has no path, query or fragment; write http(s)://[user:password@]host:port"
+                .into(),
+        );
     }
     let a = parse_authority(hostport)?;
     let decode = |s: &str, what: &str| -> Result<String, String> {
@@ -221,7 +249,8 @@ fn parse_proxy_url(url: &str) -> Result<ProxyConfig, String> {
             }
             (
                 Some(decode(user, "user name")?),
-                pass.map(|p| decode(p, "password").map(Secret::new)).transpose()?,
+                pass.map(|p| decode(p, "password").map(Secret::new))
+                    .transpose()?,
             )
         }
     };
@@ -349,7 +378,11 @@ fn group(text: &str, path: &Path) -> Result<RawDoc, ConfigError> {
 }
 
 /// The target name of a `[target.<name>]` header; any other section is refused.
-fn target_section_name<'a>(section: &'a str, line: usize, path: &Path) -> Result<&'a str, ConfigError> {
+fn target_section_name<'a>(
+    section: &'a str,
+    line: usize,
+    path: &Path,
+) -> Result<&'a str, ConfigError> {
     match section.strip_prefix(TARGET_PREFIX) {
         Some(name) => {
             validate_target_name(name).map_err(|reason| ConfigError::Invalid {
@@ -357,8 +390,9 @@ fn target_section_name<'a>(section: &'a str, line: usize, path: &Path) -> Result
                 line: Some(line),
                 key: format!("[{section}]"),
                 value: None,
-                reason: format!("target name {name:?}: {reason}"),
-                fix: "rename the section to [target.<name>] with a valid name".into(),
+                problem: format!(
+                    "target name {name:?}: {reason}; rename the section to [target.<name>] with a valid name"
+                ),
             })?;
             Ok(name)
         }
@@ -385,13 +419,14 @@ fn build(doc: RawDoc, path: &Path, secrets: Secrets) -> Result<AgentConfig, Conf
     let entry = |key: &str| doc.top.get(key).map(|(v, l)| (v.as_str(), *l));
     // Optional keys written with an empty value mean "not set".
     let non_empty = |key: &str| entry(key).filter(|(v, _)| !v.is_empty());
-    let invalid = |key: &str, line: usize, value: Option<String>, reason: String, fix: &str| ConfigError::Invalid {
-        path: path.to_path_buf(),
-        line: Some(line),
-        key: key.to_string(),
-        value,
-        reason,
-        fix: fix.to_string(),
+    let invalid = |key: &str, line: usize, value: Option<String>, reason: String, fix: &str| {
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: Some(line),
+            key: key.to_string(),
+            value,
+            problem: format!("{reason}; {fix}"),
+        }
     };
 
     let id_source = SecretSource {
@@ -404,7 +439,8 @@ fn build(doc: RawDoc, path: &Path, secrets: Secrets) -> Result<AgentConfig, Conf
             path: path.to_path_buf(),
             line: None,
             key: "service_id".into(),
-            fix: "add `service_id = <the service id from the platform>` at the top of the file".into(),
+            fix: "add `service_id = <the service id from the platform>` at the top of the file"
+                .into(),
         });
     }
     let service_id = match secrets {
@@ -412,7 +448,10 @@ fn build(doc: RawDoc, path: &Path, secrets: Secrets) -> Result<AgentConfig, Conf
             let id = id_source.resolve(path)?.unwrap_or_default();
             let len = id.expose().chars().count();
             if len < MIN_SERVICE_ID_LEN {
-                let line = entry("service_id").or(entry("service_id_file")).map(|(_, l)| l).unwrap_or(1);
+                let line = entry("service_id")
+                    .or(entry("service_id_file"))
+                    .map(|(_, l)| l)
+                    .unwrap_or(1);
                 return Err(invalid(
                     "service_id",
                     line,
@@ -439,7 +478,15 @@ fn build(doc: RawDoc, path: &Path, secrets: Secrets) -> Result<AgentConfig, Conf
             })
         }
         Some((v, line)) => {
-            parse_hub_url(v).map_err(|reason| invalid("hub", line, Some(v.to_string()), reason, "write it like wss://hub.example.com/v1/connect"))?;
+            parse_hub_url(v).map_err(|reason| {
+                invalid(
+                    "hub",
+                    line,
+                    Some(v.to_string()),
+                    reason,
+                    "write it like wss://hub.example.com/v1/connect",
+                )
+            })?;
             v.to_string()
         }
     };
@@ -456,7 +503,10 @@ fn build(doc: RawDoc, path: &Path, secrets: Secrets) -> Result<AgentConfig, Conf
         file: non_empty("proxy_file").map(|(v, l)| (v, Some(l))),
     };
     proxy_source.check_exclusive(path)?;
-    let proxy_line = non_empty("proxy").or(non_empty("proxy_file")).map(|(_, l)| l).unwrap_or(1);
+    let proxy_line = non_empty("proxy")
+        .or(non_empty("proxy_file"))
+        .map(|(_, l)| l)
+        .unwrap_or(1);
     let proxy_text = match (secrets, proxy_source.value) {
         (Secrets::Resolve, _) => proxy_source.resolve(path)?,
         // Without resolving, only a literal URL can be checked.
@@ -479,7 +529,15 @@ fn build(doc: RawDoc, path: &Path, secrets: Secrets) -> Result<AgentConfig, Conf
 
     let agent_name = match non_empty("agent_name") {
         Some((v, line)) => {
-            validate_target_name(v).map_err(|reason| invalid("agent_name", line, Some(v.to_string()), reason, "use a short name such as the VM's host name"))?;
+            validate_target_name(v).map_err(|reason| {
+                invalid(
+                    "agent_name",
+                    line,
+                    Some(v.to_string()),
+                    reason,
+                    "use a short name such as the VM's host name",
+                )
+            })?;
             Some(v.to_string())
         }
         None => None,
@@ -497,13 +555,27 @@ fn build(doc: RawDoc, path: &Path, secrets: Secrets) -> Result<AgentConfig, Conf
                 fix: "add `addr = host:port` to the section, e.g. addr = 10.0.0.12:443".into(),
             });
         };
-        validate_addr(addr).map_err(|reason| invalid(&key("addr"), *addr_line, Some(addr.clone()), reason, "write host:port, e.g. 10.0.0.12:443 or [fd00::12]:443"))?;
+        validate_addr(addr).map_err(|reason| {
+            invalid(
+                &key("addr"),
+                *addr_line,
+                Some(addr.clone()),
+                reason,
+                "write host:port, e.g. 10.0.0.12:443 or [fd00::12]:443",
+            )
+        })?;
         let flag = |k: &str| -> Result<bool, ConfigError> {
             match raw.entries.get(k) {
                 None => Ok(false),
                 Some((v, _)) if v.is_empty() => Ok(false),
                 Some((v, line)) => parse_bool(v).ok_or_else(|| {
-                    invalid(&key(k), *line, Some(v.clone()), "not a boolean".into(), "write true or false")
+                    invalid(
+                        &key(k),
+                        *line,
+                        Some(v.clone()),
+                        "not a boolean".into(),
+                        "write true or false",
+                    )
                 }),
             }
         };
@@ -511,7 +583,11 @@ fn build(doc: RawDoc, path: &Path, secrets: Secrets) -> Result<AgentConfig, Conf
         let never = flag("no_tls")?;
         let tls = match (always, never) {
             (true, true) => {
-                let line = raw.entries.get("no_tls").map(|(_, l)| *l).unwrap_or(raw.line);
+                let line = raw
+                    .entries
+                    .get("no_tls")
+                    .map(|(_, l)| *l)
+                    .unwrap_or(raw.line);
                 return Err(invalid(
                     &key("no_tls"),
                     line,
@@ -604,17 +680,30 @@ pub enum SetTargetOutcome {
 /// check, so it works in a shell without the agent's environment). The new file is written
 /// atomically with the original's permissions and owner.
 pub fn set_target(path: &Path, change: &SetTarget) -> Result<SetTargetOutcome, ConfigError> {
-    let argument = |what: &'static str, value: &str, reason: String, fix: &str| ConfigError::Argument {
-        path: path.to_path_buf(),
-        what,
-        value: value.to_string(),
-        reason,
-        fix: fix.to_string(),
-    };
-    validate_target_name(&change.name)
-        .map_err(|r| argument("target name", &change.name, r, "use 1 to 64 letters, digits, `.`, `_` or `-`"))?;
-    validate_addr(&change.addr)
-        .map_err(|r| argument("address", &change.addr, r, "give host:port, e.g. 10.0.0.12:443 or [fd00::12]:443"))?;
+    let argument =
+        |what: &'static str, value: &str, reason: String, fix: &str| ConfigError::Argument {
+            path: path.to_path_buf(),
+            what,
+            value: value.to_string(),
+            reason,
+            fix: fix.to_string(),
+        };
+    validate_target_name(&change.name).map_err(|r| {
+        argument(
+            "target name",
+            &change.name,
+            r,
+            "use 1 to 64 letters, digits, `.`, `_` or `-`",
+        )
+    })?;
+    validate_addr(&change.addr).map_err(|r| {
+        argument(
+            "address",
+            &change.addr,
+            r,
+            "give host:port, e.g. 10.0.0.12:443 or [fd00::12]:443",
+        )
+    })?;
 
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
@@ -675,9 +764,11 @@ pub fn set_target(path: &Path, change: &SetTarget) -> Result<SetTargetOutcome, C
     if let Err(e) = parse_with(&new_text, path, Secrets::Skip) {
         return Err(original_check.err().unwrap_or(e));
     }
-    super::fsutil::write_atomic(path, new_text.as_bytes(), 0o600).map_err(|source| ConfigError::Write {
-        path: path.to_path_buf(),
-        source,
+    super::fsutil::write_atomic(path, new_text.as_bytes(), 0o600).map_err(|source| {
+        ConfigError::Write {
+            path: path.to_path_buf(),
+            source,
+        }
     })?;
     Ok(outcome)
 }
@@ -733,14 +824,23 @@ mod tests {
         assert_eq!(c.agent_name.as_deref(), Some("vm-01"));
         let proxy = c.proxy.clone().unwrap();
         assert!(proxy.scheme_https);
-        assert_eq!((proxy.host.as_str(), proxy.port), ("proxy_host.local", 3128));
+        assert_eq!(
+            (proxy.host.as_str(), proxy.port),
+            ("proxy_host.local", 3128)
+        );
         assert_eq!(proxy.username.as_deref(), Some("us@er"));
         assert_eq!(proxy.password.as_ref().unwrap().expose(), "p:ss");
         assert_eq!(c.targets.len(), 2);
         let t = &c.targets["scim-server"];
-        assert_eq!((t.addr.as_str(), t.tls, t.insecure_allow_skip_tls_check), ("10.0.0.12:443", TlsMode::FromScheme, false));
+        assert_eq!(
+            (t.addr.as_str(), t.tls, t.insecure_allow_skip_tls_check),
+            ("10.0.0.12:443", TlsMode::FromScheme, false)
+        );
         let t = &c.targets["crm"];
-        assert_eq!((t.addr.as_str(), t.tls, t.insecure_allow_skip_tls_check), ("[fd00::12]:8443", TlsMode::Always, true));
+        assert_eq!(
+            (t.addr.as_str(), t.tls, t.insecure_allow_skip_tls_check),
+            ("[fd00::12]:8443", TlsMode::Always, true)
+        );
         let debug = format!("{c:?}");
         assert!(!debug.contains(ID) && !debug.contains("p:ss"), "{debug}");
     }
@@ -749,47 +849,106 @@ mod tests {
     fn defaults() {
         let c = AgentConfig::parse(&base(), Path::new("config.ini")).unwrap();
         assert_eq!(c.state_dir, PathBuf::from("run"));
-        assert!(c.proxy.is_none() && c.hub_ca.is_none() && c.agent_name.is_none() && c.targets.is_empty());
-        let c = AgentConfig::parse(&format!("{}proxy =\nstate_dir = /var/lib/connect\n[target.x]\naddr = h:1\nno_tls = true\n", base()), &p()).unwrap();
+        assert!(
+            c.proxy.is_none()
+                && c.hub_ca.is_none()
+                && c.agent_name.is_none()
+                && c.targets.is_empty()
+        );
+        let c = AgentConfig::parse(
+            &format!(
+                "{}proxy =\nstate_dir = /var/lib/connect\n[target.x]\naddr = h:1\nno_tls = true\n",
+                base()
+            ),
+            &p(),
+        )
+        .unwrap();
         assert!(c.proxy.is_none());
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/connect"));
         assert_eq!(c.targets["x"].tls, TlsMode::Never);
-        let proxy = AgentConfig::parse(&format!("{}proxy = http://proxy:8080/\n", base()), &p()).unwrap().proxy.unwrap();
-        assert_eq!((proxy.scheme_https, proxy.port, proxy.username), (false, 8080, None));
-        let proxy = AgentConfig::parse(&format!("{}proxy = http://proxy\n", base()), &p()).unwrap().proxy.unwrap();
+        let proxy = AgentConfig::parse(&format!("{}proxy = http://proxy:8080/\n", base()), &p())
+            .unwrap()
+            .proxy
+            .unwrap();
+        assert_eq!(
+            (proxy.scheme_https, proxy.port, proxy.username),
+            (false, 8080, None)
+        );
+        let proxy = AgentConfig::parse(&format!("{}proxy = http://proxy\n", base()), &p())
+            .unwrap()
+            .proxy
+            .unwrap();
         assert_eq!(proxy.port, 80);
     }
 
     #[test]
     fn missing_required_keys() {
         let m = err("hub = wss://h/x\n");
-        assert!(m.starts_with("/etc/connect/config.ini: missing `service_id`; add `service_id ="), "{m}");
+        assert!(
+            m.starts_with("/etc/connect/config.ini: missing `service_id`; add `service_id ="),
+            "{m}"
+        );
         let m = err(&format!("service_id = {ID}\n"));
-        assert!(m.starts_with("/etc/connect/config.ini: missing `hub`; add `hub = wss://"), "{m}");
+        assert!(
+            m.starts_with("/etc/connect/config.ini: missing `hub`; add `hub = wss://"),
+            "{m}"
+        );
         let m = err(&format!("{}\n[target.a]\nno_tls = true\n", base()));
-        assert!(m.starts_with("/etc/connect/config.ini:4: missing `[target.a] addr`; add `addr = host:port`"), "{m}");
+        assert!(
+            m.starts_with(
+                "/etc/connect/config.ini:4: missing `[target.a] addr`; add `addr = host:port`"
+            ),
+            "{m}"
+        );
     }
 
     #[test]
     fn unknown_keys_suggest_the_right_one() {
         let m = err(&format!("{}servce_id = x\n", base()));
-        assert!(m.starts_with("/etc/connect/config.ini:3: unknown key `servce_id`; did you mean `service_id`?"), "{m}");
-        let m = err(&format!("{}[target.a]\naddr = h:1\nalways_tsl = true\n", base()));
+        assert!(
+            m.starts_with(
+                "/etc/connect/config.ini:3: unknown key `servce_id`; did you mean `service_id`?"
+            ),
+            "{m}"
+        );
+        let m = err(&format!(
+            "{}[target.a]\naddr = h:1\nalways_tsl = true\n",
+            base()
+        ));
         assert!(m.starts_with("/etc/connect/config.ini:5: unknown key `always_tsl` in [target.a]; did you mean `always_tls`?"), "{m}");
         let m = err(&format!("{}colour = blue\n", base()));
-        assert!(m.contains(":3: unknown key `colour`; known keys here: service_id"), "{m}");
+        assert!(
+            m.contains(":3: unknown key `colour`; known keys here: service_id"),
+            "{m}"
+        );
         let m = err(&format!("{}addr = h:1\n", base()));
-        assert!(m.contains(":3: unknown key `addr`; `addr` belongs in a [target.<name>] section"), "{m}");
-        let m = err(&format!("service_id = {ID}\n[target.a]\naddr = h:1\nhub = wss://h/\n"));
-        assert!(m.contains(":4: unknown key `hub` in [target.a]; `hub` is a top-level key: move it above"), "{m}");
+        assert!(
+            m.contains(":3: unknown key `addr`; `addr` belongs in a [target.<name>] section"),
+            "{m}"
+        );
+        let m = err(&format!(
+            "service_id = {ID}\n[target.a]\naddr = h:1\nhub = wss://h/\n"
+        ));
+        assert!(
+            m.contains(
+                ":4: unknown key `hub` in [target.a]; `hub` is a top-level key: move it above"
+            ),
+            "{m}"
+        );
     }
 
     #[test]
     fn unknown_and_bad_sections() {
         let m = err(&format!("{}[targets.crm]\naddr = h:1\n", base()));
-        assert!(m.contains(":3: unknown section [targets.crm]; did you mean [target.crm]?"), "{m}");
+        assert!(
+            m.contains(":3: unknown section [targets.crm]; did you mean [target.crm]?"),
+            "{m}"
+        );
         let m = err(&format!("{}[target]\n", base()));
-        assert!(m.contains(":3: unknown section [target]; add the target's name"), "{m}");
+        assert!(
+            m.contains(":3: unknown section [target]; add the target's name"),
+            "{m}"
+        );
         let m = err(&format!("{}[general]\n", base()));
         assert!(m.contains("the only sections are [target.<name>]"), "{m}");
         let m = err(&format!("{}[target.a b]\n", base()));
@@ -800,20 +959,48 @@ mod tests {
     #[test]
     fn duplicates_name_both_lines() {
         let m = err(&format!("{}hub = wss://other/\n", base()));
-        assert!(m.contains(":3: `hub` is given twice (first on line 2); keep only one"), "{m}");
-        let m = err(&format!("{}[target.a]\naddr = h:1\n[target.b]\naddr = h:2\n[target.a]\naddr = h:3\n", base()));
-        assert!(m.contains(":7: `[target.a]` is given twice (first on line 3)"), "{m}");
+        assert!(
+            m.contains(":3: `hub` is given twice (first on line 2); keep only one"),
+            "{m}"
+        );
+        let m = err(&format!(
+            "{}[target.a]\naddr = h:1\n[target.b]\naddr = h:2\n[target.a]\naddr = h:3\n",
+            base()
+        ));
+        assert!(
+            m.contains(":7: `[target.a]` is given twice (first on line 3)"),
+            "{m}"
+        );
         let m = err(&format!("{}[target.a]\naddr = h:1\naddr = h:2\n", base()));
-        assert!(m.contains(":5: `addr` is given twice (first on line 4)"), "{m}");
+        assert!(
+            m.contains(":5: `addr` is given twice (first on line 4)"),
+            "{m}"
+        );
     }
 
     #[test]
     fn bad_values() {
         let cases = [
-            ("hub = ws://h/x", ":1: `hub` = \"ws://h/x\": plain ws:// is not allowed", "use wss://"),
-            ("hub = https://h/x", "https:// is not a websocket URL", "wss://"),
-            ("hub = hub.example.com", "not a URL", "wss://hub.example.com/v1/connect"),
-            ("hub = wss://u:p@h/", "must not contain credentials", "write it like"),
+            (
+                "hub = ws://h/x",
+                ":1: `hub` = \"ws://h/x\": plain ws:// is not allowed",
+                "use wss://",
+            ),
+            (
+                "hub = https://h/x",
+                "https:// is not a websocket URL",
+                "wss://",
+            ),
+            (
+                "hub = hub.example.com",
+                "not a URL",
+                "wss://hub.example.com/v1/connect",
+            ),
+            (
+                "hub = wss://u:p@h/",
+                "must not contain credentials",
+                "write it like",
+            ),
             ("hub = wss://h:99999/", "out of range", "write it like"),
         ];
         for (line, want, fix) in cases {
@@ -821,25 +1008,48 @@ mod tests {
             assert!(m.contains(want) && m.contains(fix), "{line}: {m}");
         }
         let m = err(&format!("{}[target.a]\naddr = 10.0.0.12\n", base()));
-        assert!(m.contains(":4: `[target.a] addr` = \"10.0.0.12\": the port is missing"), "{m}");
+        assert!(
+            m.contains(":4: `[target.a] addr` = \"10.0.0.12\": the port is missing"),
+            "{m}"
+        );
         assert!(m.contains("write host:port"), "{m}");
-        let m = err(&format!("{}[target.a]\naddr = h:1\nalways_tls = maybe\n", base()));
-        assert!(m.contains(":5: `[target.a] always_tls` = \"maybe\": not a boolean; write true or false"), "{m}");
-        let m = err(&format!("{}[target.a]\naddr = h:1\nalways_tls = true\nno_tls = true\n", base()));
+        let m = err(&format!(
+            "{}[target.a]\naddr = h:1\nalways_tls = maybe\n",
+            base()
+        ));
+        assert!(
+            m.contains(
+                ":5: `[target.a] always_tls` = \"maybe\": not a boolean; write true or false"
+            ),
+            "{m}"
+        );
+        let m = err(&format!(
+            "{}[target.a]\naddr = h:1\nalways_tls = true\nno_tls = true\n",
+            base()
+        ));
         assert!(m.contains(":6: `[target.a] no_tls` = \"true\": always_tls and no_tls are both true; set at most one"), "{m}");
         let m = err(&format!("{}agent_name = my vm\n", base()));
         assert!(m.contains(":3: `agent_name` = \"my vm\""), "{m}");
-        let m = err(&format!("service_id = short\nhub = wss://h/\n"));
-        assert!(m.contains(":1: `service_id`: the service id is only 5 characters long"), "{m}");
+        let m = err("service_id = short\nhub = wss://h/\n");
+        assert!(
+            m.contains(":1: `service_id`: the service id is only 5 characters long"),
+            "{m}"
+        );
         assert!(!m.contains("short\""), "{m}");
     }
 
     #[test]
     fn bad_proxy_url_hides_credentials() {
         let m = err(&format!("{}proxy = socks5://user:hunter2@p:1080\n", base()));
-        assert!(m.contains(":3: `proxy` = \"socks5://***@p:1080\": scheme `socks5` is not supported"), "{m}");
+        assert!(
+            m.contains(":3: `proxy` = \"socks5://***@p:1080\": scheme `socks5` is not supported"),
+            "{m}"
+        );
         assert!(!m.contains("hunter2") && !m.contains("user:hunter2"), "{m}");
-        let m = err(&format!("{}proxy = http://user:hunter2@p:3128/path\n", base()));
+        let m = err(&format!(
+            "{}proxy = http://user:hunter2@p:3128/path\n",
+            base()
+        ));
         assert!(m.contains("no path") && !m.contains("hunter2"), "{m}");
         let m = err(&format!("{}proxy = http://:pw@p:3128\n", base()));
         assert!(m.contains("user name before `:` is empty"), "{m}");
@@ -848,21 +1058,41 @@ mod tests {
     #[test]
     fn secrets_from_env_and_file() {
         std::env::set_var("SCIM_CONNECT_TEST_AGENT_ID", ID);
-        let c = AgentConfig::parse("service_id = env:SCIM_CONNECT_TEST_AGENT_ID\nhub = wss://h/\n", &p()).unwrap();
+        let c = AgentConfig::parse(
+            "service_id = env:SCIM_CONNECT_TEST_AGENT_ID\nhub = wss://h/\n",
+            &p(),
+        )
+        .unwrap();
         assert_eq!(c.service_id.expose(), ID);
         let m = err("service_id = env:SCIM_CONNECT_TEST_AGENT_UNSET\nhub = wss://h/\n");
-        assert!(m.contains(":1: `service_id`: environment variable SCIM_CONNECT_TEST_AGENT_UNSET is not set"), "{m}");
+        assert!(
+            m.contains(
+                ":1: `service_id`: environment variable SCIM_CONNECT_TEST_AGENT_UNSET is not set"
+            ),
+            "{m}"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("id.txt"), format!("{ID}\n")).unwrap();
         fs::write(dir.path().join("proxy.txt"), "http://u:pw@proxy:3128\n").unwrap();
         let conf = dir.path().join("config.ini");
-        let c = AgentConfig::parse("service_id_file = id.txt\nproxy_file = proxy.txt\nhub = wss://h/\n", &conf).unwrap();
+        let c = AgentConfig::parse(
+            "service_id_file = id.txt\nproxy_file = proxy.txt\nhub = wss://h/\n",
+            &conf,
+        )
+        .unwrap();
         assert_eq!(c.service_id.expose(), ID);
         assert_eq!(c.proxy.unwrap().password.unwrap().expose(), "pw");
-        let m = AgentConfig::parse("service_id_file = missing.txt\nhub = wss://h/\n", &conf).unwrap_err().to_string();
-        assert!(m.contains(":1: `service_id_file`: cannot read") && m.contains("missing.txt"), "{m}");
-        let m = err(&format!("service_id = {ID}\nservice_id_file = /x\nhub = wss://h/\n"));
+        let m = AgentConfig::parse("service_id_file = missing.txt\nhub = wss://h/\n", &conf)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains(":1: `service_id_file`: cannot read") && m.contains("missing.txt"),
+            "{m}"
+        );
+        let m = err(&format!(
+            "service_id = {ID}\nservice_id_file = /x\nhub = wss://h/\n"
+        ));
         assert!(m.contains(":2: `service_id_file`: both `service_id` and `service_id_file` are given; keep only one"), "{m}");
     }
 
@@ -871,7 +1101,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("config.ini");
         let m = AgentConfig::load(&conf).unwrap_err().to_string();
-        assert!(m.starts_with(&format!("{}: cannot read the file", conf.display())), "{m}");
+        assert!(
+            m.starts_with(&format!("{}: cannot read the file", conf.display())),
+            "{m}"
+        );
         fs::write(&conf, base()).unwrap();
         let c = AgentConfig::load(&conf).unwrap();
         assert_eq!(c.path, conf);
@@ -886,10 +1119,26 @@ mod tests {
         for bad in ["", "a b", "é", "a/b", &"x".repeat(65)] {
             assert!(validate_target_name(bad).is_err(), "{bad}");
         }
-        for ok in ["10.0.0.12:443", "scim.internal:8443", "[fd00::12]:443", "localhost:1", "h:65535"] {
+        for ok in [
+            "10.0.0.12:443",
+            "scim.internal:8443",
+            "[fd00::12]:443",
+            "localhost:1",
+            "h:65535",
+        ] {
             assert!(validate_addr(ok).is_ok(), "{ok}");
         }
-        for bad in ["10.0.0.12", "https://h:443", "h:443/scim", "h:0", "h:70000", "fd00::12:443", ":443", "h :1", "300.1.1.1:80"] {
+        for bad in [
+            "10.0.0.12",
+            "https://h:443",
+            "h:443/scim",
+            "h:0",
+            "h:70000",
+            "fd00::12:443",
+            ":443",
+            "h :1",
+            "300.1.1.1:80",
+        ] {
             assert!(validate_addr(bad).is_err(), "{bad}");
         }
     }
@@ -897,9 +1146,15 @@ mod tests {
     #[test]
     fn hub_endpoint() {
         let e = parse_hub_url("wss://hub.example.com/v1/connect").unwrap();
-        assert_eq!((e.host.as_str(), e.port, e.path.as_str()), ("hub.example.com", 443, "/v1/connect"));
+        assert_eq!(
+            (e.host.as_str(), e.port, e.path.as_str()),
+            ("hub.example.com", 443, "/v1/connect")
+        );
         let e = parse_hub_url("WSS://[::1]:8443").unwrap();
-        assert_eq!((e.host.as_str(), e.port, e.path.as_str()), ("::1", 8443, "/"));
+        assert_eq!(
+            (e.host.as_str(), e.port, e.path.as_str()),
+            ("::1", 8443, "/")
+        );
     }
 
     // ---- set-target ----
@@ -956,23 +1211,31 @@ addr = hr.local:8443   # port 8443\n\
         let parsed = AgentConfig::load(&conf).unwrap();
         assert_eq!(parsed.targets.len(), 3);
         let t = &parsed.targets["new-one"];
-        assert_eq!((t.tls, t.insecure_allow_skip_tls_check), (TlsMode::Never, true));
+        assert_eq!(
+            (t.tls, t.insecure_allow_skip_tls_check),
+            (TlsMode::Never, true)
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(fs::metadata(&conf).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                fs::metadata(&conf).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
     }
 
     #[test]
     fn set_target_append_handles_missing_final_newline_and_crlf() {
-        let (_dir, conf) = write_conf("service_id = 2jy34wpcohrhdytr6hutym6qfi2l7nnw\r\nhub = wss://h/\r\n\r\n");
+        let (_dir, conf) =
+            write_conf("service_id = 2jy34wpcohrhdytr6hutym6qfi2l7nnw\r\nhub = wss://h/\r\n\r\n");
         set_target(&conf, &change("a", "h:1", false)).unwrap();
         assert_eq!(
             fs::read_to_string(&conf).unwrap(),
             "service_id = 2jy34wpcohrhdytr6hutym6qfi2l7nnw\r\nhub = wss://h/\r\n\r\n[target.a]\r\naddr = h:1\r\nalways_tls = false\r\nno_tls = false\r\ninsecure_allow_skip_tls_check = false\r\n"
         );
-        let (_dir, conf) = write_conf("service_id = 2jy34wpcohrhdytr6hutym6qfi2l7nnw\nhub = wss://h/");
+        let (_dir, conf) =
+            write_conf("service_id = 2jy34wpcohrhdytr6hutym6qfi2l7nnw\nhub = wss://h/");
         set_target(&conf, &change("a", "h:1", false)).unwrap();
         assert!(fs::read_to_string(&conf).unwrap().starts_with("service_id = 2jy34wpcohrhdytr6hutym6qfi2l7nnw\nhub = wss://h/\n\n[target.a]\naddr = h:1\n"));
     }
@@ -999,12 +1262,18 @@ addr = hr.local:8443   # port 8443\n\
         assert_eq!(parsed.targets["crm"].addr, "10.0.0.99:8443");
         assert_eq!(parsed.targets["hr"].addr, "hr.local:443");
         // -override for a name that does not exist yet simply adds it.
-        assert_eq!(set_target(&conf, &change("fresh", "h:1", true)).unwrap(), SetTargetOutcome::Added);
+        assert_eq!(
+            set_target(&conf, &change("fresh", "h:1", true)).unwrap(),
+            SetTargetOutcome::Added
+        );
     }
 
     #[test]
     fn set_target_override_of_an_empty_section() {
-        let (_dir, conf) = write_conf(&format!("{}[target.a]\n# nothing yet\n[target.b]\naddr = h:2\n", base()));
+        let (_dir, conf) = write_conf(&format!(
+            "{}[target.a]\n# nothing yet\n[target.b]\naddr = h:2\n",
+            base()
+        ));
         set_target(&conf, &change("a", "h:1", true)).unwrap();
         assert_eq!(
             fs::read_to_string(&conf).unwrap(),
@@ -1029,8 +1298,16 @@ addr = hr.local:8443   # port 8443\n\
     fn set_target_refuses_existing_name_with_the_hint() {
         let (_dir, conf) = write_conf(ORIGINAL);
         let before = fs::metadata(&conf).unwrap();
-        let m = set_target(&conf, &change("crm", "h:1", false)).unwrap_err().to_string();
-        assert!(m.starts_with(&format!("{}:6: target `crm` already exists; add -override", conf.display())), "{m}");
+        let m = set_target(&conf, &change("crm", "h:1", false))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.starts_with(&format!(
+                "{}:6: target `crm` already exists; add -override",
+                conf.display()
+            )),
+            "{m}"
+        );
         assert_untouched(&conf, &before);
     }
 
@@ -1038,12 +1315,24 @@ addr = hr.local:8443   # port 8443\n\
     fn set_target_bad_arguments_leave_the_file_untouched() {
         let (_dir, conf) = write_conf(ORIGINAL);
         let before = fs::metadata(&conf).unwrap();
-        let m = set_target(&conf, &change("bad name", "h:1", false)).unwrap_err().to_string();
-        assert!(m.starts_with("set-target: target name \"bad name\" is invalid: ' ' is not allowed"), "{m}");
+        let m = set_target(&conf, &change("bad name", "h:1", false))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.starts_with("set-target: target name \"bad name\" is invalid: ' ' is not allowed"),
+            "{m}"
+        );
         assert!(m.contains("left unchanged"), "{m}");
-        let m = set_target(&conf, &change("ok", "10.0.0.12", false)).unwrap_err().to_string();
-        assert!(m.starts_with("set-target: address \"10.0.0.12\" is invalid: the port is missing"), "{m}");
-        let m = set_target(&conf, &change("ok", "h:99999", true)).unwrap_err().to_string();
+        let m = set_target(&conf, &change("ok", "10.0.0.12", false))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.starts_with("set-target: address \"10.0.0.12\" is invalid: the port is missing"),
+            "{m}"
+        );
+        let m = set_target(&conf, &change("ok", "h:99999", true))
+            .unwrap_err()
+            .to_string();
         assert!(m.contains("out of range"), "{m}");
         assert_untouched(&conf, &before);
     }
@@ -1052,7 +1341,9 @@ addr = hr.local:8443   # port 8443\n\
     fn set_target_refuses_to_edit_an_invalid_file() {
         let bad = format!("{ORIGINAL}servce = 1\n");
         let (_dir, conf) = write_conf(&bad);
-        let m = set_target(&conf, &change("x", "h:1", false)).unwrap_err().to_string();
+        let m = set_target(&conf, &change("x", "h:1", false))
+            .unwrap_err()
+            .to_string();
         assert!(m.contains(":15: unknown key `servce`"), "{m}");
         assert_eq!(fs::read_to_string(&conf).unwrap(), bad);
     }
@@ -1069,7 +1360,9 @@ addr = hr.local:8443   # port 8443\n\
     fn set_target_on_missing_file_names_it() {
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("config.ini");
-        let m = set_target(&conf, &change("x", "h:1", false)).unwrap_err().to_string();
+        let m = set_target(&conf, &change("x", "h:1", false))
+            .unwrap_err()
+            .to_string();
         assert!(m.contains("config.ini: cannot read the file"), "{m}");
         assert!(!conf.exists());
     }

@@ -175,7 +175,8 @@ impl Directory {
                 path: path.to_path_buf(),
                 line: Some(e.line()),
                 message: format!("column {}: {}", e.column(), super::one_line(message)),
-                fix: "fix the JSON (users: id, userName, ...; groups: id, displayName, members)".into(),
+                fix: "fix the JSON (users: id, userName, ...; groups: id, displayName, members)"
+                    .into(),
             }
         })?;
         dir.validate(path)?;
@@ -195,20 +196,34 @@ impl Directory {
             line: None,
             key,
             value: Some(value.to_string()),
-            reason: reason.to_string(),
-            fix: fix.to_string(),
+            problem: format!("{reason}; {fix}"),
         };
         let mut user_ids: HashMap<&str, usize> = HashMap::new();
         let mut user_names: HashMap<String, usize> = HashMap::new();
         for (i, u) in self.users.iter().enumerate() {
             if u.id.trim().is_empty() {
-                return Err(invalid(format!("users[{i}].id"), &u.id, "the id is empty", "give every user a stable, unique id"));
+                return Err(invalid(
+                    format!("users[{i}].id"),
+                    &u.id,
+                    "the id is empty",
+                    "give every user a stable, unique id",
+                ));
             }
             if let Some(first) = user_ids.insert(&u.id, i) {
-                return Err(invalid(format!("users[{i}].id"), &u.id, &format!("users[{first}] has the same id"), "give every user its own id"));
+                return Err(invalid(
+                    format!("users[{i}].id"),
+                    &u.id,
+                    &format!("users[{first}] has the same id"),
+                    "give every user its own id",
+                ));
             }
             if u.user_name.trim().is_empty() {
-                return Err(invalid(format!("users[{i}].userName"), &u.user_name, "the userName is empty", "give every user a unique userName"));
+                return Err(invalid(
+                    format!("users[{i}].userName"),
+                    &u.user_name,
+                    "the userName is empty",
+                    "give every user a unique userName",
+                ));
             }
             if let Some(first) = user_names.insert(u.user_name.to_lowercase(), i) {
                 return Err(invalid(
@@ -223,13 +238,28 @@ impl Directory {
         let mut group_names: HashMap<String, usize> = HashMap::new();
         for (i, g) in self.groups.iter().enumerate() {
             if g.id.trim().is_empty() {
-                return Err(invalid(format!("groups[{i}].id"), &g.id, "the id is empty", "give every group a stable, unique id"));
+                return Err(invalid(
+                    format!("groups[{i}].id"),
+                    &g.id,
+                    "the id is empty",
+                    "give every group a stable, unique id",
+                ));
             }
             if let Some(first) = group_ids.insert(&g.id, i) {
-                return Err(invalid(format!("groups[{i}].id"), &g.id, &format!("groups[{first}] has the same id"), "give every group its own id"));
+                return Err(invalid(
+                    format!("groups[{i}].id"),
+                    &g.id,
+                    &format!("groups[{first}] has the same id"),
+                    "give every group its own id",
+                ));
             }
             if g.display_name.trim().is_empty() {
-                return Err(invalid(format!("groups[{i}].displayName"), &g.display_name, "the displayName is empty", "give every group a unique displayName"));
+                return Err(invalid(
+                    format!("groups[{i}].displayName"),
+                    &g.display_name,
+                    "the displayName is empty",
+                    "give every group a unique displayName",
+                ));
             }
             if let Some(first) = group_names.insert(g.display_name.to_lowercase(), i) {
                 return Err(invalid(
@@ -243,12 +273,25 @@ impl Directory {
         for (i, g) in self.groups.iter().enumerate() {
             for (j, m) in g.members.iter().enumerate() {
                 let (known, other, kind, other_kind) = match m.kind {
-                    MemberKind::User => (user_ids.contains_key(m.value.as_str()), group_ids.contains_key(m.value.as_str()), "User", "Group"),
-                    MemberKind::Group => (group_ids.contains_key(m.value.as_str()), user_ids.contains_key(m.value.as_str()), "Group", "User"),
+                    MemberKind::User => (
+                        user_ids.contains_key(m.value.as_str()),
+                        group_ids.contains_key(m.value.as_str()),
+                        "User",
+                        "Group",
+                    ),
+                    MemberKind::Group => (
+                        group_ids.contains_key(m.value.as_str()),
+                        user_ids.contains_key(m.value.as_str()),
+                        "Group",
+                        "User",
+                    ),
                 };
                 if !known {
                     let fix = if other {
-                        format!("it is a {} id: set \"type\": \"{other_kind}\"", other_kind.to_lowercase())
+                        format!(
+                            "it is a {} id: set \"type\": \"{other_kind}\"",
+                            other_kind.to_lowercase()
+                        )
                     } else {
                         format!("add the {} or remove the member", kind.to_lowercase())
                     };
@@ -265,7 +308,11 @@ impl Directory {
     }
 
     /// User ids in group `root`, directly or through nested groups; a cycle ends the walk.
-    fn flattened_users<'a>(&'a self, root: &'a DirGroup, by_id: &HashMap<&str, &'a DirGroup>) -> BTreeSet<&'a str> {
+    fn flattened_users<'a>(
+        &'a self,
+        root: &'a DirGroup,
+        by_id: &HashMap<&str, &'a DirGroup>,
+    ) -> BTreeSet<&'a str> {
         let mut users = BTreeSet::new();
         let mut seen: HashSet<&str> = HashSet::new();
         let mut stack = vec![root];
@@ -296,15 +343,19 @@ impl Directory {
     /// in `unknown_groups` / `unknown_users`. Inactive users are included; what `active = false`
     /// means for the app is the reconciler's decision.
     pub fn granted(&self, rule: &AccessRule) -> Granted {
-        let group_by_id: HashMap<&str, &DirGroup> = self.groups.iter().map(|g| (g.id.as_str(), g)).collect();
-        let user_by_id: HashMap<&str, &DirUser> = self.users.iter().map(|u| (u.id.as_str(), u)).collect();
+        let group_by_id: HashMap<&str, &DirGroup> =
+            self.groups.iter().map(|g| (g.id.as_str(), g)).collect();
+        let user_by_id: HashMap<&str, &DirUser> =
+            self.users.iter().map(|u| (u.id.as_str(), u)).collect();
 
         let mut unknown_groups = Vec::new();
         let mut groups: BTreeMap<&str, &DirGroup> = BTreeMap::new();
         for entry in &rule.groups {
             let found = group_by_id.get(entry.as_str()).copied().or_else(|| {
                 let lower = entry.to_lowercase();
-                self.groups.iter().find(|g| g.display_name.to_lowercase() == lower)
+                self.groups
+                    .iter()
+                    .find(|g| g.display_name.to_lowercase() == lower)
             });
             match found {
                 Some(g) => {
@@ -319,7 +370,9 @@ impl Directory {
         for entry in &rule.users {
             let found = user_by_id.get(entry.as_str()).copied().or_else(|| {
                 let lower = entry.to_lowercase();
-                self.users.iter().find(|u| u.user_name.to_lowercase() == lower)
+                self.users
+                    .iter()
+                    .find(|u| u.user_name.to_lowercase() == lower)
             });
             match found {
                 Some(u) => {
@@ -329,21 +382,30 @@ impl Directory {
             }
         }
 
-        let flattened: Vec<(&DirGroup, BTreeSet<&str>)> =
-            groups.values().map(|g| (*g, self.flattened_users(g, &group_by_id))).collect();
+        let flattened: Vec<(&DirGroup, BTreeSet<&str>)> = groups
+            .values()
+            .map(|g| (*g, self.flattened_users(g, &group_by_id)))
+            .collect();
         for (_, members) in &flattened {
             // Validation guarantees member ids exist; the filter keeps an unvalidated value safe.
             user_ids.extend(members.iter().filter(|id| user_by_id.contains_key(*id)));
         }
 
         Granted {
-            users: user_ids.iter().filter_map(|id| user_by_id.get(id).map(|u| (*u).clone())).collect(),
+            users: user_ids
+                .iter()
+                .filter_map(|id| user_by_id.get(id).map(|u| (*u).clone()))
+                .collect(),
             groups: flattened
                 .into_iter()
                 .map(|(g, members)| GrantedGroup {
                     id: g.id.clone(),
                     display_name: g.display_name.clone(),
-                    member_user_ids: members.into_iter().filter(|id| user_ids.contains(id)).map(str::to_string).collect(),
+                    member_user_ids: members
+                        .into_iter()
+                        .filter(|id| user_ids.contains(id))
+                        .map(str::to_string)
+                        .collect(),
                 })
                 .collect(),
             unknown_groups,
@@ -366,12 +428,21 @@ mod tests {
     }
 
     fn group(id: &str, name: &str, members: &[(&str, &str)]) -> serde_json::Value {
-        let members: Vec<_> = members.iter().map(|(v, t)| serde_json::json!({"value": v, "type": t})).collect();
+        let members: Vec<_> = members
+            .iter()
+            .map(|(v, t)| serde_json::json!({"value": v, "type": t}))
+            .collect();
         serde_json::json!({"id": id, "displayName": name, "members": members})
     }
 
-    fn dir(users: Vec<serde_json::Value>, groups: Vec<serde_json::Value>) -> Result<Directory, ConfigError> {
-        Directory::parse(&serde_json::json!({"users": users, "groups": groups}).to_string(), &p())
+    fn dir(
+        users: Vec<serde_json::Value>,
+        groups: Vec<serde_json::Value>,
+    ) -> Result<Directory, ConfigError> {
+        Directory::parse(
+            &serde_json::json!({"users": users, "groups": groups}).to_string(),
+            &p(),
+        )
     }
 
     fn err(users: Vec<serde_json::Value>, groups: Vec<serde_json::Value>) -> String {
@@ -397,10 +468,32 @@ mod tests {
             "groups": [{"id": "g1", "displayName": "Eng", "members": [{"value": "u1", "type": "User"}, {"value": "u2"}]}]}"#;
         let d = Directory::parse(text, &p()).unwrap();
         let a = &d.users[0];
-        assert_eq!((a.id.as_str(), a.user_name.as_str(), a.display_name.as_deref(), a.active), ("u1", "alice", Some("Alice"), false));
+        assert_eq!(
+            (
+                a.id.as_str(),
+                a.user_name.as_str(),
+                a.display_name.as_deref(),
+                a.active
+            ),
+            ("u1", "alice", Some("Alice"), false)
+        );
         assert_eq!(a.name.as_ref().unwrap().family_name.as_deref(), Some("L"));
-        assert_eq!(a.emails[0], Email { value: "a@x".into(), kind: Some("work".into()), primary: true });
-        assert_eq!(a.emails[1], Email { value: "b@x".into(), kind: None, primary: false });
+        assert_eq!(
+            a.emails[0],
+            Email {
+                value: "a@x".into(),
+                kind: Some("work".into()),
+                primary: true
+            }
+        );
+        assert_eq!(
+            a.emails[1],
+            Email {
+                value: "b@x".into(),
+                kind: None,
+                primary: false
+            }
+        );
         assert!(d.users[1].active);
         assert_eq!(d.groups[0].members[1].kind, MemberKind::User);
         assert_eq!(Directory::parse("{}", &p()).unwrap(), Directory::default());
@@ -408,45 +501,102 @@ mod tests {
 
     #[test]
     fn json_errors_name_line_and_column() {
-        let m = Directory::parse("{\n \"users\": [\n  {\"id\": \"u1\", \"userNmae\": \"a\"}\n ]\n}", &p()).unwrap_err().to_string();
+        let m = Directory::parse(
+            "{\n \"users\": [\n  {\"id\": \"u1\", \"userNmae\": \"a\"}\n ]\n}",
+            &p(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(m.starts_with("/srv/hub/directory.json:3: column "), "{m}");
         assert!(m.contains("unknown field `userNmae`"), "{m}");
         assert!(!m.contains("at line"), "{m}");
-        let m = Directory::parse("{\"users\": [", &p()).unwrap_err().to_string();
+        let m = Directory::parse("{\"users\": [", &p())
+            .unwrap_err()
+            .to_string();
         assert!(m.starts_with("/srv/hub/directory.json:1: column"), "{m}");
-        let m = Directory::parse(r#"{"users": [{"id": "u1"}]}"#, &p()).unwrap_err().to_string();
+        let m = Directory::parse(r#"{"users": [{"id": "u1"}]}"#, &p())
+            .unwrap_err()
+            .to_string();
         assert!(m.contains("missing field `userName`"), "{m}");
     }
 
     #[test]
     fn validation_errors() {
         let m = err(vec![user("u1", "a"), user("u1", "b")], vec![]);
-        assert!(m.contains("`users[1].id` = \"u1\": users[0] has the same id; give every user its own id"), "{m}");
+        assert!(
+            m.contains(
+                "`users[1].id` = \"u1\": users[0] has the same id; give every user its own id"
+            ),
+            "{m}"
+        );
         let m = err(vec![user("u1", "Alice"), user("u2", "alice")], vec![]);
-        assert!(m.contains("`users[1].userName` = \"alice\": users[0] has the same userName"), "{m}");
+        assert!(
+            m.contains("`users[1].userName` = \"alice\": users[0] has the same userName"),
+            "{m}"
+        );
         let m = err(vec![user(" ", "a")], vec![]);
         assert!(m.contains("`users[0].id` = \" \": the id is empty"), "{m}");
         let m = err(vec![user("u1", "")], vec![]);
-        assert!(m.contains("`users[0].userName` = \"\": the userName is empty"), "{m}");
+        assert!(
+            m.contains("`users[0].userName` = \"\": the userName is empty"),
+            "{m}"
+        );
         let m = err(vec![], vec![group("g1", "A", &[]), group("g1", "B", &[])]);
-        assert!(m.contains("`groups[1].id` = \"g1\": groups[0] has the same id"), "{m}");
-        let m = err(vec![], vec![group("g1", "Eng", &[]), group("g2", "ENG", &[])]);
-        assert!(m.contains("`groups[1].displayName` = \"ENG\": groups[0] has the same displayName"), "{m}");
+        assert!(
+            m.contains("`groups[1].id` = \"g1\": groups[0] has the same id"),
+            "{m}"
+        );
+        let m = err(
+            vec![],
+            vec![group("g1", "Eng", &[]), group("g2", "ENG", &[])],
+        );
+        assert!(
+            m.contains("`groups[1].displayName` = \"ENG\": groups[0] has the same displayName"),
+            "{m}"
+        );
         let m = err(vec![], vec![group("g1", "", &[])]);
         assert!(m.contains("the displayName is empty"), "{m}");
-        let m = err(vec![user("u1", "a")], vec![group("g1", "Eng", &[("u1", "User"), ("u9", "User")])]);
+        let m = err(
+            vec![user("u1", "a")],
+            vec![group("g1", "Eng", &[("u1", "User"), ("u9", "User")])],
+        );
         assert!(m.contains("`groups[0].members[1].value` = \"u9\": group \"g1\" has a member of type User that is not a user id in this file; add the user or remove the member"), "{m}");
-        let m = err(vec![user("u1", "a")], vec![group("g1", "Eng", &[("g2", "User")]), group("g2", "Ops", &[])]);
-        assert!(m.contains("it is a group id: set \"type\": \"Group\""), "{m}");
-        let m = err(vec![user("u1", "a")], vec![group("g1", "Eng", &[("u1", "Group")])]);
-        assert!(m.contains("type Group that is not a group id") && m.contains("set \"type\": \"User\""), "{m}");
+        let m = err(
+            vec![user("u1", "a")],
+            vec![
+                group("g1", "Eng", &[("g2", "User")]),
+                group("g2", "Ops", &[]),
+            ],
+        );
+        assert!(
+            m.contains("it is a group id: set \"type\": \"Group\""),
+            "{m}"
+        );
+        let m = err(
+            vec![user("u1", "a")],
+            vec![group("g1", "Eng", &[("u1", "Group")])],
+        );
+        assert!(
+            m.contains("type Group that is not a group id") && m.contains("set \"type\": \"User\""),
+            "{m}"
+        );
     }
 
     fn sample() -> Directory {
         dir(
-            vec![user("u3", "carol"), user("u1", "alice"), user("u2", "bob"), user("u4", "dave"), user("u5", "eve")],
             vec![
-                group("g-eng", "Engineering", &[("u1", "User"), ("g-plat", "Group")]),
+                user("u3", "carol"),
+                user("u1", "alice"),
+                user("u2", "bob"),
+                user("u4", "dave"),
+                user("u5", "eve"),
+            ],
+            vec![
+                group(
+                    "g-eng",
+                    "Engineering",
+                    &[("u1", "User"), ("g-plat", "Group")],
+                ),
                 group("g-plat", "Platform", &[("u2", "User"), ("g-sre", "Group")]),
                 group("g-sre", "SRE", &[("u3", "User")]),
                 group("g-sales", "Sales", &[("u4", "User")]),
@@ -476,7 +626,10 @@ mod tests {
         let d = sample();
         let g = d.granted(&rule(&["g-sre", "Sales"], &["EVE", "u1", "u1", "nobody"]));
         assert_eq!(ids(&g), ["u1", "u3", "u4", "u5"]);
-        assert_eq!(g.groups.iter().map(|x| x.id.as_str()).collect::<Vec<_>>(), ["g-sales", "g-sre"]);
+        assert_eq!(
+            g.groups.iter().map(|x| x.id.as_str()).collect::<Vec<_>>(),
+            ["g-sales", "g-sre"]
+        );
         assert_eq!(g.groups[1].member_user_ids, ["u3"]);
         assert_eq!(g.unknown_users, ["nobody"]);
         let g = d.granted(&rule(&["Nope"], &[]));
@@ -492,7 +645,11 @@ mod tests {
             vec![
                 group("g1", "One", &[("u1", "User"), ("g2", "Group")]),
                 group("g2", "Two", &[("u2", "User"), ("g3", "Group")]),
-                group("g3", "Three", &[("u3", "User"), ("g1", "Group"), ("g3", "Group")]),
+                group(
+                    "g3",
+                    "Three",
+                    &[("u3", "User"), ("g1", "Group"), ("g3", "Group")],
+                ),
             ],
         )
         .unwrap();
@@ -511,8 +668,14 @@ mod tests {
         d.save(&path).unwrap();
         assert_eq!(Directory::load(&path).unwrap(), d);
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.contains("\"userName\": \"alice\"") && text.contains("\"type\": \"Group\""), "{text}");
-        assert!(!text.contains("\"active\""), "defaults are not written: {text}");
+        assert!(
+            text.contains("\"userName\": \"alice\"") && text.contains("\"type\": \"Group\""),
+            "{text}"
+        );
+        assert!(
+            !text.contains("\"active\""),
+            "defaults are not written: {text}"
+        );
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
     }
 
@@ -520,7 +683,10 @@ mod tests {
     fn sample_directory_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/directory.json");
         let d = Directory::load(&path).unwrap();
-        let hub = super::super::hub::HubConfig::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hub.toml")).unwrap();
+        let hub = super::super::hub::HubConfig::load(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hub.toml"),
+        )
+        .unwrap();
         let g = d.granted(&hub.apps[0].grant);
         assert_eq!(ids(&g), ["u-1001", "u-1002", "u-1003"]);
         assert!(g.unknown_groups.is_empty() && g.unknown_users.is_empty());

@@ -192,7 +192,11 @@ impl BaseUrl {
         let https = match scheme.as_str() {
             "https" => true,
             "http" => false,
-            other => return Err(format!("scheme `{other}` is not supported; use https:// or http://")),
+            other => {
+                return Err(format!(
+                    "scheme `{other}` is not supported; use https:// or http://"
+                ))
+            }
         };
         if url.chars().any(char::is_whitespace) {
             return Err("the URL contains a space".into());
@@ -200,7 +204,9 @@ impl BaseUrl {
         let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
         let (authority, path) = rest.split_at(end);
         if authority.contains('@') {
-            return Err("credentials do not belong in the URL; set auth and its secret instead".into());
+            return Err(
+                "credentials do not belong in the URL; set auth and its secret instead".into(),
+            );
         }
         if path.contains(['?', '#']) {
             return Err("a base URL has no query or fragment".into());
@@ -257,15 +263,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
-            return Err(format!("`{s}` is not a duration like \"90s\", \"5m\" or \"1h\""));
+            return Err(format!(
+                "`{s}` is not a duration like \"90s\", \"5m\" or \"1h\""
+            ));
         }
         let number: u64 = rest[..digits]
             .parse()
             .map_err(|_| format!("`{s}`: the number is too large"))?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let part = match unit {
@@ -274,8 +286,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "m" => Duration::from_secs(number.saturating_mul(60)),
             "h" => Duration::from_secs(number.saturating_mul(3600)),
             "d" => Duration::from_secs(number.saturating_mul(86400)),
-            "" => return Err(format!("`{s}` has no unit; add s, m or h (e.g. \"{number}s\")")),
-            other => return Err(format!("unknown unit `{other}` in `{s}`; use ms, s, m, h or d")),
+            "" => {
+                return Err(format!(
+                    "`{s}` has no unit; add s, m or h (e.g. \"{number}s\")"
+                ))
+            }
+            other => {
+                return Err(format!(
+                    "unknown unit `{other}` in `{s}`; use ms, s, m, h or d"
+                ))
+            }
         };
         total = total.saturating_add(part);
     }
@@ -405,14 +425,20 @@ impl Ctx<'_> {
         Some(line_of(self.text, s.span().start))
     }
 
-    fn invalid<T>(&self, at: &Spanned<T>, key: &str, value: Option<&str>, reason: impl Into<String>, fix: &str) -> ConfigError {
+    fn invalid<T>(
+        &self,
+        at: &Spanned<T>,
+        key: &str,
+        value: Option<&str>,
+        reason: impl Into<String>,
+        fix: &str,
+    ) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_path_buf(),
             line: self.line(at),
             key: key.to_string(),
             value: value.map(str::to_string),
-            reason: reason.into(),
-            fix: fix.to_string(),
+            problem: format!("{}; {fix}", reason.into()),
         }
     }
 
@@ -427,28 +453,61 @@ impl Ctx<'_> {
 
     fn socket_addr(&self, s: &Spanned<String>, key: &str) -> Result<SocketAddr, ConfigError> {
         s.get_ref().trim().parse().map_err(|_| {
-            self.invalid(s, key, Some(s.get_ref()), "not an ip:port address", "write it like 0.0.0.0:8443 or 127.0.0.1:8089 (an IP, not a host name)")
+            self.invalid(
+                s,
+                key,
+                Some(s.get_ref()),
+                "not an ip:port address",
+                "write it like 0.0.0.0:8443 or 127.0.0.1:8089 (an IP, not a host name)",
+            )
         })
     }
 
-    fn secret(&self, key: &str, value: &Option<Spanned<RawSecret>>, file: &Option<Spanned<String>>) -> Result<Option<Secret>, ConfigError> {
+    fn secret(
+        &self,
+        key: &str,
+        value: &Option<Spanned<RawSecret>>,
+        file: &Option<Spanned<String>>,
+    ) -> Result<Option<Secret>, ConfigError> {
         SecretSource {
             key,
-            value: value.as_ref().map(|v| (v.get_ref().0.expose(), self.line(v))),
+            value: value
+                .as_ref()
+                .map(|v| (v.get_ref().0.expose(), self.line(v))),
             file: file.as_ref().map(|f| (f.get_ref().as_str(), self.line(f))),
         }
         .resolve(self.path)
     }
 
-    fn duration(&self, raw: &Option<Spanned<RawDuration>>, key: &str, default: Duration, min: Duration, max: Duration) -> Result<Duration, ConfigError> {
+    fn duration(
+        &self,
+        raw: &Option<Spanned<RawDuration>>,
+        key: &str,
+        default: Duration,
+        min: Duration,
+        max: Duration,
+    ) -> Result<Duration, ConfigError> {
         let Some(raw) = raw else { return Ok(default) };
-        let d = raw.get_ref().0.clone().map_err(|reason| self.invalid(raw, key, None, reason, "write a duration like \"90s\", \"5m\" or \"1h\""))?;
+        let d = raw.get_ref().0.clone().map_err(|reason| {
+            self.invalid(
+                raw,
+                key,
+                None,
+                reason,
+                "write a duration like \"90s\", \"5m\" or \"1h\"",
+            )
+        })?;
         if d < min || d > max {
             return Err(self.invalid(
                 raw,
                 key,
                 None,
-                format!("{} s is outside {} s ..= {} s", d.as_secs_f64(), min.as_secs_f64(), max.as_secs_f64()),
+                format!(
+                    "{} s is outside {} s ..= {} s",
+                    d.as_secs_f64(),
+                    min.as_secs_f64(),
+                    max.as_secs_f64()
+                ),
                 "pick a value inside that range",
             ));
         }
@@ -458,7 +517,15 @@ impl Ctx<'_> {
 
 /// Checks a service or app name: same rule as target names.
 fn check_name(ctx: &Ctx<'_>, s: &Spanned<String>, key: &str) -> Result<(), ConfigError> {
-    validate_target_name(s.get_ref()).map_err(|reason| ctx.invalid(s, key, Some(s.get_ref()), reason, "use 1 to 64 letters, digits, `.`, `_` or `-`"))
+    validate_target_name(s.get_ref()).map_err(|reason| {
+        ctx.invalid(
+            s,
+            key,
+            Some(s.get_ref()),
+            reason,
+            "use 1 to 64 letters, digits, `.`, `_` or `-`",
+        )
+    })
 }
 
 impl HubConfig {
@@ -481,20 +548,52 @@ impl HubConfig {
         })?;
         let ctx = Ctx { path, text };
 
-        let required = |v: Option<Spanned<String>>, key: &str, fix: &str| v.ok_or_else(|| ctx.missing(None, key, fix));
-        let listen = required(raw.listen, "listen", "add `listen = \"0.0.0.0:8443\"` (where agents connect) at the top")?;
+        let required = |v: Option<Spanned<String>>, key: &str, fix: &str| {
+            v.ok_or_else(|| ctx.missing(None, key, fix))
+        };
+        let listen = required(
+            raw.listen,
+            "listen",
+            "add `listen = \"0.0.0.0:8443\"` (where agents connect) at the top",
+        )?;
         let listen = ctx.socket_addr(&listen, "listen")?;
-        let tls_cert = required(raw.tls_cert, "tls_cert", "add `tls_cert = \"hub-cert.pem\"` (PEM certificate chain) at the top")?;
-        let tls_key = required(raw.tls_key, "tls_key", "add `tls_key = \"hub-key.pem\"` (PEM private key) at the top")?;
-        let directory = required(raw.directory, "directory", "add `directory = \"directory.json\"` (users and groups) at the top")?;
-        let state_dir = raw.state_dir.map_or_else(|| "state".to_string(), Spanned::into_inner);
+        let tls_cert = required(
+            raw.tls_cert,
+            "tls_cert",
+            "add `tls_cert = \"hub-cert.pem\"` (PEM certificate chain) at the top",
+        )?;
+        let tls_key = required(
+            raw.tls_key,
+            "tls_key",
+            "add `tls_key = \"hub-key.pem\"` (PEM private key) at the top",
+        )?;
+        let directory = required(
+            raw.directory,
+            "directory",
+            "add `directory = \"directory.json\"` (users and groups) at the top",
+        )?;
+        let state_dir = raw
+            .state_dir
+            .map_or_else(|| "state".to_string(), Spanned::into_inner);
 
-        let admin_raw = raw.admin.ok_or_else(|| ctx.missing(None, "admin", "add an [admin] section with `token = \"...\"` (or token_file)"))?;
+        let admin_raw = raw.admin.ok_or_else(|| {
+            ctx.missing(
+                None,
+                "admin",
+                "add an [admin] section with `token = \"...\"` (or token_file)",
+            )
+        })?;
         let admin_line = ctx.line(&admin_raw);
         let admin_raw = admin_raw.into_inner();
         let admin_listen = match &admin_raw.listen {
             Some(l) => ctx.socket_addr(l, "admin.listen")?,
-            None => DEFAULT_ADMIN_LISTEN.parse().map_err(|_| ctx.missing(admin_line, "admin.listen", "write listen = \"127.0.0.1:8089\""))?,
+            None => DEFAULT_ADMIN_LISTEN.parse().map_err(|_| {
+                ctx.missing(
+                    admin_line,
+                    "admin.listen",
+                    "write listen = \"127.0.0.1:8089\"",
+                )
+            })?,
         };
         let token = ctx
             .secret("admin.token", &admin_raw.token, &admin_raw.token_file)?
@@ -533,22 +632,43 @@ impl HubConfig {
     }
 }
 
-fn build_services(ctx: &Ctx<'_>, raw: Vec<Spanned<RawService>>) -> Result<Vec<ServiceConfig>, ConfigError> {
+fn build_services(
+    ctx: &Ctx<'_>,
+    raw: Vec<Spanned<RawService>>,
+) -> Result<Vec<ServiceConfig>, ConfigError> {
     let mut out: Vec<ServiceConfig> = Vec::with_capacity(raw.len());
     for (i, spanned) in raw.into_iter().enumerate() {
         let line = ctx.line(&spanned);
         let s = spanned.get_ref();
-        let name = s.name.as_ref().ok_or_else(|| ctx.missing(line, &format!("services[{i}].name"), "add `name = \"...\"` to this [[services]] entry"))?;
+        let name = s.name.as_ref().ok_or_else(|| {
+            ctx.missing(
+                line,
+                &format!("services[{i}].name"),
+                "add `name = \"...\"` to this [[services]] entry",
+            )
+        })?;
         let key = format!("services.{}", name.get_ref());
         check_name(ctx, name, &format!("services[{i}].name"))?;
         if out.iter().any(|o| o.name == *name.get_ref()) {
-            return Err(ctx.invalid(name, &format!("{key}.name"), Some(name.get_ref()), "another service has the same name", "give every service its own name"));
+            return Err(ctx.invalid(
+                name,
+                &format!("{key}.name"),
+                Some(name.get_ref()),
+                "another service has the same name",
+                "give every service its own name",
+            ));
         }
         let id_key = format!("{key}.service_id");
         let service_id = ctx
             .secret(&id_key, &s.service_id, &s.service_id_file)?
             .ok_or_else(|| ctx.missing(line, &id_key, "add `service_id = \"...\"`, `service_id = \"env:NAME\"` or `service_id_file = \"/path\"`"))?;
-        let id_line = s.service_id.as_ref().map(|v| ctx.line(v)).or(s.service_id_file.as_ref().map(|f| ctx.line(f))).flatten().or(line);
+        let id_line = s
+            .service_id
+            .as_ref()
+            .map(|v| ctx.line(v))
+            .or(s.service_id_file.as_ref().map(|f| ctx.line(f)))
+            .flatten()
+            .or(line);
         let len = service_id.expose().chars().count();
         if len < MIN_SERVICE_ID_LEN {
             return Err(ConfigError::Invalid {
@@ -556,8 +676,9 @@ fn build_services(ctx: &Ctx<'_>, raw: Vec<Spanned<RawService>>) -> Result<Vec<Se
                 line: id_line,
                 key: id_key,
                 value: None,
-                reason: format!("the service id is only {len} characters long (at least {MIN_SERVICE_ID_LEN} expected)"),
-                fix: "use a long random id, e.g. the output of `openssl rand -hex 16`".into(),
+                problem: format!(
+                    "the service id is only {len} characters long (at least {MIN_SERVICE_ID_LEN} expected); use a long random id, e.g. the output of `openssl rand -hex 16`"
+                ),
             });
         }
         if let Some(other) = out.iter().find(|o| o.service_id == service_id) {
@@ -566,8 +687,10 @@ fn build_services(ctx: &Ctx<'_>, raw: Vec<Spanned<RawService>>) -> Result<Vec<Se
                 line: id_line,
                 key: id_key,
                 value: None,
-                reason: format!("the same service id as service `{}`", other.name),
-                fix: "give every service its own id".into(),
+                problem: format!(
+                    "the same service id as service `{}`; give every service its own id",
+                    other.name
+                ),
             });
         }
         out.push(ServiceConfig {
@@ -579,7 +702,12 @@ fn build_services(ctx: &Ctx<'_>, raw: Vec<Spanned<RawService>>) -> Result<Vec<Se
     Ok(out)
 }
 
-fn build_app(ctx: &Ctx<'_>, name: String, spanned: Spanned<RawApp>, services: &[ServiceConfig]) -> Result<AppConfig, ConfigError> {
+fn build_app(
+    ctx: &Ctx<'_>,
+    name: String,
+    spanned: Spanned<RawApp>,
+    services: &[ServiceConfig],
+) -> Result<AppConfig, ConfigError> {
     let key = format!("apps.{name}");
     let k = |field: &str| format!("{key}.{field}");
     let line = ctx.line(&spanned);
@@ -588,17 +716,36 @@ fn build_app(ctx: &Ctx<'_>, name: String, spanned: Spanned<RawApp>, services: &[
         line,
         key: key.clone(),
         value: Some(name.clone()),
-        reason: format!("app name: {reason}"),
-        fix: "rename the [apps.<name>] table with 1 to 64 letters, digits, `.`, `_` or `-`".into(),
+        problem: format!(
+            "app name: {reason}; rename the [apps.<name>] table with 1 to 64 letters, digits, `.`, `_` or `-`"
+        ),
     })?;
     let a = spanned.into_inner();
 
-    let base_url = a.base_url.as_ref().ok_or_else(|| ctx.missing(line, &k("base_url"), "add `base_url = \"https://<scim host>/scim/v2\"`"))?;
+    let base_url = a.base_url.as_ref().ok_or_else(|| {
+        ctx.missing(
+            line,
+            &k("base_url"),
+            "add `base_url = \"https://<scim host>/scim/v2\"`",
+        )
+    })?;
     let base_url = BaseUrl::parse(base_url.get_ref()).map_err(|reason| {
-        ctx.invalid(base_url, &k("base_url"), Some(base_url.get_ref()), reason, "write it like https://scim.example.com/scim/v2")
+        ctx.invalid(
+            base_url,
+            &k("base_url"),
+            Some(base_url.get_ref()),
+            reason,
+            "write it like https://scim.example.com/scim/v2",
+        )
     })?;
 
-    let service = a.service.as_ref().ok_or_else(|| ctx.missing(line, &k("service"), "add `service = \"<name of a [[services]] entry>\"`"))?;
+    let service = a.service.as_ref().ok_or_else(|| {
+        ctx.missing(
+            line,
+            &k("service"),
+            "add `service = \"<name of a [[services]] entry>\"`",
+        )
+    })?;
     if !services.iter().any(|s| s.name == *service.get_ref()) {
         let known: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
         let fix = if known.is_empty() {
@@ -606,12 +753,30 @@ fn build_app(ctx: &Ctx<'_>, name: String, spanned: Spanned<RawApp>, services: &[
         } else {
             format!("use one of: {}", known.join(", "))
         };
-        return Err(ctx.invalid(service, &k("service"), Some(service.get_ref()), "no [[services]] entry has this name", &fix));
+        return Err(ctx.invalid(
+            service,
+            &k("service"),
+            Some(service.get_ref()),
+            "no [[services]] entry has this name",
+            &fix,
+        ));
     }
 
-    let target = a.target.as_ref().ok_or_else(|| ctx.missing(line, &k("target"), "add `target = \"<target name declared on the agent>\"`"))?;
+    let target = a.target.as_ref().ok_or_else(|| {
+        ctx.missing(
+            line,
+            &k("target"),
+            "add `target = \"<target name declared on the agent>\"`",
+        )
+    })?;
     validate_target_name(target.get_ref()).map_err(|reason| {
-        ctx.invalid(target, &k("target"), Some(target.get_ref()), reason, "use the name given to `connect set-target` on the agent")
+        ctx.invalid(
+            target,
+            &k("target"),
+            Some(target.get_ref()),
+            reason,
+            "use the name given to `connect set-target` on the agent",
+        )
     })?;
 
     let auth = build_auth(ctx, &key, line, &a)?;
@@ -621,28 +786,63 @@ fn build_app(ctx: &Ctx<'_>, name: String, spanned: Spanned<RawApp>, services: &[
         Some(d) => match d.get_ref().as_str() {
             "delete" => DeprovisionMode::Delete,
             "deactivate" => DeprovisionMode::Deactivate,
-            other => return Err(ctx.invalid(d, &k("deprovision"), Some(other), "unknown mode", "write \"delete\" or \"deactivate\"")),
+            other => {
+                return Err(ctx.invalid(
+                    d,
+                    &k("deprovision"),
+                    Some(other),
+                    "unknown mode",
+                    "write \"delete\" or \"deactivate\"",
+                ))
+            }
         },
     };
 
-    let interval = ctx.duration(&a.interval, &k("interval"), DEFAULT_INTERVAL, Duration::from_secs(1), Duration::from_secs(7 * 86400))?;
-    let request_timeout = ctx.duration(&a.request_timeout, &k("request_timeout"), DEFAULT_REQUEST_TIMEOUT, Duration::from_secs(1), Duration::from_secs(600))?;
+    let interval = ctx.duration(
+        &a.interval,
+        &k("interval"),
+        DEFAULT_INTERVAL,
+        Duration::from_secs(1),
+        Duration::from_secs(7 * 86400),
+    )?;
+    let request_timeout = ctx.duration(
+        &a.request_timeout,
+        &k("request_timeout"),
+        DEFAULT_REQUEST_TIMEOUT,
+        Duration::from_secs(1),
+        Duration::from_secs(600),
+    )?;
 
     let page_size = match &a.page_size {
         None => DEFAULT_PAGE_SIZE,
         Some(p) => match u32::try_from(*p.get_ref()) {
             Ok(n) if (1..=1000).contains(&n) => n,
-            _ => return Err(ctx.invalid(p, &k("page_size"), Some(&p.get_ref().to_string()), "outside 1..=1000", "pick a page size between 1 and 1000 (100 is typical)")),
+            _ => {
+                return Err(ctx.invalid(
+                    p,
+                    &k("page_size"),
+                    Some(&p.get_ref().to_string()),
+                    "outside 1..=1000",
+                    "pick a page size between 1 and 1000 (100 is typical)",
+                ))
+            }
         },
     };
 
-    let list = |v: &Option<Spanned<Vec<String>>>, field: &str| -> Result<Vec<String>, ConfigError> {
-        let Some(v) = v else { return Ok(Vec::new()) };
-        if v.get_ref().iter().any(|e| e.trim().is_empty()) {
-            return Err(ctx.invalid(v, &k(field), None, "an entry is empty", "remove the empty string from the list"));
-        }
-        Ok(v.get_ref().clone())
-    };
+    let list =
+        |v: &Option<Spanned<Vec<String>>>, field: &str| -> Result<Vec<String>, ConfigError> {
+            let Some(v) = v else { return Ok(Vec::new()) };
+            if v.get_ref().iter().any(|e| e.trim().is_empty()) {
+                return Err(ctx.invalid(
+                    v,
+                    &k(field),
+                    None,
+                    "an entry is empty",
+                    "remove the empty string from the list",
+                ));
+            }
+            Ok(v.get_ref().clone())
+        };
     let grant = AccessRule {
         groups: list(&a.grant_groups, "grant_groups")?,
         users: list(&a.grant_users, "grant_users")?,
@@ -663,9 +863,20 @@ fn build_app(ctx: &Ctx<'_>, name: String, spanned: Spanned<RawApp>, services: &[
     })
 }
 
-fn build_auth(ctx: &Ctx<'_>, key: &str, line: Option<usize>, a: &RawApp) -> Result<AuthConfig, ConfigError> {
+fn build_auth(
+    ctx: &Ctx<'_>,
+    key: &str,
+    line: Option<usize>,
+    a: &RawApp,
+) -> Result<AuthConfig, ConfigError> {
     let k = |field: &str| format!("{key}.{field}");
-    let mode = a.auth.as_ref().ok_or_else(|| ctx.missing(line, &k("auth"), "add `auth = \"bearer\"`, `\"basic\"` or `\"none\"`"))?;
+    let mode = a.auth.as_ref().ok_or_else(|| {
+        ctx.missing(
+            line,
+            &k("auth"),
+            "add `auth = \"bearer\"`, `\"basic\"` or `\"none\"`",
+        )
+    })?;
     let mode_name = mode.get_ref().as_str();
     // A secret that the chosen mode would ignore is almost always a mistake in `auth`.
     let refuse = |present: Option<Option<usize>>, field: &str| -> Result<(), ConfigError> {
@@ -675,15 +886,24 @@ fn build_auth(ctx: &Ctx<'_>, key: &str, line: Option<usize>, a: &RawApp) -> Resu
                 line: l,
                 key: k(field),
                 value: None,
-                reason: format!("is set but auth = {mode_name:?} does not use it"),
-                fix: "remove it, or change auth".into(),
+                problem: format!(
+                    "is set but auth = {mode_name:?} does not use it; remove it, or change auth"
+                ),
             }),
             None => Ok(()),
         }
     };
-    let token_at = a.token.as_ref().map(|s| ctx.line(s)).or(a.token_file.as_ref().map(|s| ctx.line(s)));
+    let token_at = a
+        .token
+        .as_ref()
+        .map(|s| ctx.line(s))
+        .or(a.token_file.as_ref().map(|s| ctx.line(s)));
     let user_at = a.username.as_ref().map(|s| ctx.line(s));
-    let pass_at = a.password.as_ref().map(|s| ctx.line(s)).or(a.password_file.as_ref().map(|s| ctx.line(s)));
+    let pass_at = a
+        .password
+        .as_ref()
+        .map(|s| ctx.line(s))
+        .or(a.password_file.as_ref().map(|s| ctx.line(s)));
     match mode_name {
         "none" => {
             refuse(token_at, "token")?;
@@ -696,14 +916,29 @@ fn build_auth(ctx: &Ctx<'_>, key: &str, line: Option<usize>, a: &RawApp) -> Resu
             refuse(pass_at, "password")?;
             let token = ctx
                 .secret(&k("token"), &a.token, &a.token_file)?
-                .ok_or_else(|| ctx.missing(line, &k("token"), "add `token = \"...\"`, `token = \"env:NAME\"` or `token_file = \"/path\"`"))?;
+                .ok_or_else(|| {
+                    ctx.missing(
+                        line,
+                        &k("token"),
+                        "add `token = \"...\"`, `token = \"env:NAME\"` or `token_file = \"/path\"`",
+                    )
+                })?;
             Ok(AuthConfig::Bearer { token })
         }
         "basic" => {
             refuse(token_at, "token")?;
-            let username = a.username.as_ref().ok_or_else(|| ctx.missing(line, &k("username"), "add `username = \"...\"`"))?;
+            let username = a
+                .username
+                .as_ref()
+                .ok_or_else(|| ctx.missing(line, &k("username"), "add `username = \"...\"`"))?;
             if username.get_ref().is_empty() || username.get_ref().contains(':') {
-                return Err(ctx.invalid(username, &k("username"), Some(username.get_ref()), "a basic-auth user name is non-empty and has no `:`", "fix the user name"));
+                return Err(ctx.invalid(
+                    username,
+                    &k("username"),
+                    Some(username.get_ref()),
+                    "a basic-auth user name is non-empty and has no `:`",
+                    "fix the user name",
+                ));
             }
             let password = ctx
                 .secret(&k("password"), &a.password, &a.password_file)?
@@ -713,7 +948,13 @@ fn build_auth(ctx: &Ctx<'_>, key: &str, line: Option<usize>, a: &RawApp) -> Resu
                 password,
             })
         }
-        other => Err(ctx.invalid(mode, &k("auth"), Some(other), "unknown auth mode", "write \"bearer\", \"basic\" or \"none\"")),
+        other => Err(ctx.invalid(
+            mode,
+            &k("auth"),
+            Some(other),
+            "unknown auth mode",
+            "write \"bearer\", \"basic\" or \"none\"",
+        )),
     }
 }
 
@@ -764,7 +1005,14 @@ mod tests {
         assert_eq!((s.service_id.expose(), s.enabled), (SID, true));
         let a = c.app("crm").unwrap();
         assert_eq!(a.base_url.to_string(), "https://crm.local:8443/scim/v2");
-        assert_eq!((a.base_url.host.as_str(), a.base_url.sni_host.as_str(), a.base_url.path.as_str()), ("crm.local:8443", "crm.local", "/scim/v2"));
+        assert_eq!(
+            (
+                a.base_url.host.as_str(),
+                a.base_url.sni_host.as_str(),
+                a.base_url.path.as_str()
+            ),
+            ("crm.local:8443", "crm.local", "/scim/v2")
+        );
         assert_eq!((a.service.as_str(), a.target.as_str()), ("acme", "crm"));
         assert_eq!(a.deprovision, DeprovisionMode::Deactivate);
         assert_eq!(a.interval, DEFAULT_INTERVAL);
@@ -788,10 +1036,20 @@ mod tests {
             head()
         );
         let c = HubConfig::parse(&text, &p()).unwrap();
-        assert_eq!(c.apps.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), ["hr", "open"]);
+        assert_eq!(
+            c.apps.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
+            ["hr", "open"]
+        );
         let a = c.app("hr").unwrap();
         assert_eq!(a.base_url.to_string(), "http://[fd00::5]");
-        assert_eq!((a.base_url.https, a.base_url.sni_host.as_str(), a.base_url.path.as_str()), (false, "fd00::5", ""));
+        assert_eq!(
+            (
+                a.base_url.https,
+                a.base_url.sni_host.as_str(),
+                a.base_url.path.as_str()
+            ),
+            (false, "fd00::5", "")
+        );
         assert!(a.skip_tls_check);
         assert_eq!(a.deprovision, DeprovisionMode::Delete);
         assert_eq!(a.interval, Duration::from_secs(5400));
@@ -799,14 +1057,25 @@ mod tests {
         assert_eq!(a.grant.users, ["alice"]);
         assert_eq!(a.page_size, 500);
         assert_eq!(a.request_timeout, Duration::from_secs(45));
-        assert_eq!(a.auth.authorization().unwrap().expose(), "Basic c3ZjOnB3LXh5eg==");
+        assert_eq!(
+            a.auth.authorization().unwrap().expose(),
+            "Basic c3ZjOnB3LXh5eg=="
+        );
         assert_eq!(c.app("open").unwrap().auth, AuthConfig::None);
         assert!(c.app("open").unwrap().auth.authorization().is_none());
     }
 
     #[test]
     fn bearer_prefix_is_added_only_when_missing() {
-        let auth = |t: &str| AuthConfig::Bearer { token: Secret::new(t) }.authorization().unwrap().expose().to_string();
+        let auth = |t: &str| {
+            AuthConfig::Bearer {
+                token: Secret::new(t),
+            }
+            .authorization()
+            .unwrap()
+            .expose()
+            .to_string()
+        };
         assert_eq!(auth("abc"), "Bearer abc");
         assert_eq!(auth("Bearer abc"), "Bearer abc");
         assert_eq!(auth("bearer abc"), "bearer abc");
@@ -828,7 +1097,10 @@ mod tests {
         assert_eq!(c.admin.listen.port(), 9000);
         assert_eq!(c.services[0].service_id.expose(), SID);
         assert!(!c.services[0].enabled);
-        assert_eq!(c.apps[0].auth.authorization().unwrap().expose(), "Bearer env-token");
+        assert_eq!(
+            c.apps[0].auth.authorization().unwrap().expose(),
+            "Bearer env-token"
+        );
         let m = err(&app("").replace("tok-abc", "env:SCIM_CONNECT_TEST_HUB_UNSET"));
         assert!(m.contains(":18: `apps.crm.token`: environment variable SCIM_CONNECT_TEST_HUB_UNSET is not set"), "{m}");
     }
@@ -836,12 +1108,21 @@ mod tests {
     #[test]
     fn toml_errors_name_the_line() {
         let m = err(&app("tokn = \"x\"\n"));
-        assert!(m.starts_with("/etc/connect/hub.toml:19: unknown field `tokn`, expected one of"), "{m}");
-        assert!(m.contains("config/hub.toml in the project is a commented sample"), "{m}");
+        assert!(
+            m.starts_with("/etc/connect/hub.toml:19: unknown field `tokn`, expected one of"),
+            "{m}"
+        );
+        assert!(
+            m.contains("config/hub.toml in the project is a commented sample"),
+            "{m}"
+        );
         let m = err("listen = \n");
         assert!(m.starts_with("/etc/connect/hub.toml:1: "), "{m}");
         let m = err(&head().replace("token = \"admin-secret-token\"", "token = 12345"));
-        assert!(m.contains(":7: ") && m.contains("expected a string") && !m.contains("12345"), "{m}");
+        assert!(
+            m.contains(":7: ") && m.contains("expected a string") && !m.contains("12345"),
+            "{m}"
+        );
         let m = err(&app("skip_tls_check = \"yes\"\n"));
         assert!(m.contains(":19: "), "{m}");
     }
@@ -849,14 +1130,46 @@ mod tests {
     #[test]
     fn missing_fields() {
         let cases = [
-            ("listen = \"0.0.0.0:8443\"\n", "", "hub.toml: missing `listen`; add `listen ="),
-            ("tls_cert = \"hub-cert.pem\"\n", "", "missing `tls_cert`; add"),
-            ("tls_key = \"/keys/hub-key.pem\"\n", "", "missing `tls_key`; add"),
-            ("directory = \"directory.json\"\n", "", "missing `directory`; add"),
-            ("[admin]\ntoken = \"admin-secret-token\"\n", "", "missing `admin`; add an [admin] section"),
-            ("token = \"admin-secret-token\"\n", "", ":6: missing `admin.token`; add `token ="),
-            ("service_id = \"0123456789abcdef0123\"\n", "", ":9: missing `services.acme.service_id`; add"),
-            ("name = \"acme\"\n", "", ":9: missing `services[0].name`; add `name ="),
+            (
+                "listen = \"0.0.0.0:8443\"\n",
+                "",
+                "hub.toml: missing `listen`; add `listen =",
+            ),
+            (
+                "tls_cert = \"hub-cert.pem\"\n",
+                "",
+                "missing `tls_cert`; add",
+            ),
+            (
+                "tls_key = \"/keys/hub-key.pem\"\n",
+                "",
+                "missing `tls_key`; add",
+            ),
+            (
+                "directory = \"directory.json\"\n",
+                "",
+                "missing `directory`; add",
+            ),
+            (
+                "[admin]\ntoken = \"admin-secret-token\"\n",
+                "",
+                "missing `admin`; add an [admin] section",
+            ),
+            (
+                "token = \"admin-secret-token\"\n",
+                "",
+                ":6: missing `admin.token`; add `token =",
+            ),
+            (
+                "service_id = \"0123456789abcdef0123\"\n",
+                "",
+                ":9: missing `services.acme.service_id`; add",
+            ),
+            (
+                "name = \"acme\"\n",
+                "",
+                ":9: missing `services[0].name`; add `name =",
+            ),
         ];
         for (remove, add, want) in cases {
             let text = head().replace(remove, add);
@@ -865,7 +1178,10 @@ mod tests {
             assert!(m.contains(want), "{remove}: {m}");
         }
         for (field, written) in [
-            ("base_url", "base_url = \"https://crm.local:8443/scim/v2/\"\n"),
+            (
+                "base_url",
+                "base_url = \"https://crm.local:8443/scim/v2/\"\n",
+            ),
             ("service", "service = \"acme\"\n"),
             ("target", "target = \"crm\"\n"),
             ("auth", "auth = \"bearer\"\n"),
@@ -875,7 +1191,10 @@ mod tests {
             assert_ne!(text, app(""));
             let m = err(&text);
             // The line of the [apps.crm] header.
-            assert!(m.contains(&format!(":13: missing `apps.crm.{field}`; add")), "{field}: {m}");
+            assert!(
+                m.contains(&format!(":13: missing `apps.crm.{field}`; add")),
+                "{field}: {m}"
+            );
         }
     }
 
@@ -916,32 +1235,52 @@ mod tests {
             assert!(m.contains(want), "{line}: {m}");
         }
         let m = err(&app("").replace("[apps.crm]", "[apps.\"c r m\"]"));
-        assert!(m.contains(":13: `apps.c r m` = \"c r m\": app name:"), "{m}");
+        assert!(
+            m.contains(":13: `apps.c r m` = \"c r m\": app name:"),
+            "{m}"
+        );
     }
 
     #[test]
     fn auth_combinations() {
-        let basic = app("").replace("auth = \"bearer\"\ntoken = \"tok-abc\"\n", "auth = \"basic\"\nusername = \"a:b\"\npassword = \"pw-xyz\"\n");
+        let basic = app("").replace(
+            "auth = \"bearer\"\ntoken = \"tok-abc\"\n",
+            "auth = \"basic\"\nusername = \"a:b\"\npassword = \"pw-xyz\"\n",
+        );
         let m = err(&basic);
         assert!(m.contains(":18: `apps.crm.username` = \"a:b\": a basic-auth user name is non-empty and has no `:`"), "{m}");
         let m = err(&basic.replace("username = \"a:b\"\n", ""));
         assert!(m.contains(":13: missing `apps.crm.username`"), "{m}");
-        let m = err(&basic.replace("username = \"a:b\"", "username = \"u\"").replace("password = \"pw-xyz\"\n", ""));
+        let m = err(&basic
+            .replace("username = \"a:b\"", "username = \"u\"")
+            .replace("password = \"pw-xyz\"\n", ""));
         assert!(m.contains(":13: missing `apps.crm.password`"), "{m}");
         let m = err(&app("token_file = \"t\"\n"));
         assert!(m.contains(":19: `apps.crm.token_file`: both `apps.crm.token` and `apps.crm.token_file` are given; keep only one"), "{m}");
         let m = err(&app("").replace("auth = \"bearer\"", "auth = \"none\""));
-        assert!(m.contains(":18: `apps.crm.token`: is set but auth = \"none\" does not use it"), "{m}");
+        assert!(
+            m.contains(":18: `apps.crm.token`: is set but auth = \"none\" does not use it"),
+            "{m}"
+        );
     }
 
     #[test]
     fn services_must_be_unique() {
-        let dup_id = format!("{}[[services]]\nname = \"other\"\nservice_id = \"{SID}\"\n", head());
+        let dup_id = format!(
+            "{}[[services]]\nname = \"other\"\nservice_id = \"{SID}\"\n",
+            head()
+        );
         let m = err(&dup_id);
         assert!(m.contains(":15: `services.other.service_id`: the same service id as service `acme`; give every service its own id"), "{m}");
-        let dup_name = format!("{}[[services]]\nname = \"acme\"\nservice_id = \"another-long-service-id\"\n", head());
+        let dup_name = format!(
+            "{}[[services]]\nname = \"acme\"\nservice_id = \"another-long-service-id\"\n",
+            head()
+        );
         let m = err(&dup_name);
-        assert!(m.contains(":14: `services.acme.name` = \"acme\": another service has the same name"), "{m}");
+        assert!(
+            m.contains(":14: `services.acme.name` = \"acme\": another service has the same name"),
+            "{m}"
+        );
     }
 
     #[test]
@@ -956,23 +1295,44 @@ mod tests {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
         let m = err(&app("interval = -5\n"));
-        assert!(m.contains(":19: `apps.crm.interval`: -5 seconds is negative"), "{m}");
+        assert!(
+            m.contains(":19: `apps.crm.interval`: -5 seconds is negative"),
+            "{m}"
+        );
     }
 
     #[test]
     fn base_urls() {
         let u = BaseUrl::parse("HTTPS://Scim.Example.com:443/v2//").unwrap();
-        assert_eq!((u.https, u.host.as_str(), u.sni_host.as_str(), u.path.as_str()), (true, "Scim.Example.com:443", "Scim.Example.com", "/v2"));
+        assert_eq!(
+            (
+                u.https,
+                u.host.as_str(),
+                u.sni_host.as_str(),
+                u.path.as_str()
+            ),
+            (true, "Scim.Example.com:443", "Scim.Example.com", "/v2")
+        );
         assert_eq!(u.to_string(), "https://Scim.Example.com:443/v2");
-        for bad in ["scim.example.com/v2", "https:///v2", "https://h h/", "https://[::1/"] {
+        for bad in [
+            "scim.example.com/v2",
+            "https:///v2",
+            "https://h h/",
+            "https://[::1/",
+        ] {
             assert!(BaseUrl::parse(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn load_names_the_missing_file() {
-        let m = HubConfig::load(Path::new("/nonexistent/hub.toml")).unwrap_err().to_string();
-        assert!(m.starts_with("/nonexistent/hub.toml: cannot read the file"), "{m}");
+        let m = HubConfig::load(Path::new("/nonexistent/hub.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.starts_with("/nonexistent/hub.toml: cannot read the file"),
+            "{m}"
+        );
     }
 
     #[test]
@@ -981,7 +1341,10 @@ mod tests {
         let c = HubConfig::load(&path).unwrap();
         assert_eq!(c.services.len(), 1);
         let app = &c.apps[0];
-        assert_eq!(c.service(&app.service).map(|s| s.name.as_str()), Some("acme"));
+        assert_eq!(
+            c.service(&app.service).map(|s| s.name.as_str()),
+            Some("acme")
+        );
         assert_eq!(c.directory, path.parent().unwrap().join("directory.json"));
     }
 }

@@ -16,7 +16,10 @@ pub(crate) enum LineKind {
     /// `[name]`, the name trimmed.
     Section(String),
     /// `key = value`, both trimmed, the value without quotes or trailing comment.
-    Entry { key: String, value: String },
+    Entry {
+        key: String,
+        value: String,
+    },
 }
 
 /// A classified line with its 1-based number.
@@ -42,14 +45,14 @@ pub(crate) fn parse_lines(text: &str, path: &Path) -> Result<Vec<Line>, ConfigEr
             if number == 1 {
                 content = content.strip_prefix('\u{feff}').unwrap_or(content);
             }
-            classify(content).map(|kind| Line { number, kind }).map_err(|(message, fix)| {
-                ConfigError::Syntax {
+            classify(content)
+                .map(|kind| Line { number, kind })
+                .map_err(|(message, fix)| ConfigError::Syntax {
                     path: path.to_path_buf(),
                     line: Some(number),
                     message,
                     fix,
-                }
-            })
+                })
         })
         .collect()
 }
@@ -82,7 +85,10 @@ fn classify(content: &str) -> Result<LineKind, (String, String)> {
         }
         let name = name.trim();
         if name.is_empty() {
-            return Err(("empty section header `[]`".into(), "write it as [target.<name>]".into()));
+            return Err((
+                "empty section header `[]`".into(),
+                "write it as [target.<name>]".into(),
+            ));
         }
         return Ok(LineKind::Section(name.to_string()));
     }
@@ -95,7 +101,10 @@ fn classify(content: &str) -> Result<LineKind, (String, String)> {
     };
     let key = key.trim();
     if key.is_empty() {
-        return Err(("a value has no key before `=`".into(), "write `key = value`".into()));
+        return Err((
+            "a value has no key before `=`".into(),
+            "write `key = value`".into(),
+        ));
     }
     if let Some(c) = key
         .chars()
@@ -106,7 +115,12 @@ fn classify(content: &str) -> Result<LineKind, (String, String)> {
             "keys use letters, digits and `_` (e.g. service_id)".into(),
         ));
     }
-    let value = parse_value(rest).map_err(|message| (format!("value of `{key}`: {message}"), "close the quote, or drop the quotes".to_string()))?;
+    let value = parse_value(rest).map_err(|message| {
+        (
+            format!("value of `{key}`: {message}"),
+            "close the quote, or drop the quotes".to_string(),
+        )
+    })?;
     Ok(LineKind::Entry {
         key: key.to_string(),
         value,
@@ -196,8 +210,17 @@ mod tests {
         assert!(msg.starts_with("/x/c.ini:2: "), "{msg}");
         assert!(!msg.contains("2jy34"), "{msg}");
         assert!(msg.contains("start the line with #"), "{msg}");
-        for bad in ["[target.x", "[target.x] junk", "[]", "= v", "a b = c", "k = \"open"] {
-            let msg = parse_lines(bad, Path::new("c.ini")).unwrap_err().to_string();
+        for bad in [
+            "[target.x",
+            "[target.x] junk",
+            "[]",
+            "= v",
+            "a b = c",
+            "k = \"open",
+        ] {
+            let msg = parse_lines(bad, Path::new("c.ini"))
+                .unwrap_err()
+                .to_string();
             assert!(msg.starts_with("c.ini:1: "), "{bad}: {msg}");
             assert!(!msg.contains('\n'));
         }

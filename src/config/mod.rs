@@ -103,7 +103,7 @@ pub enum ConfigError {
     },
 
     /// A value that is present but not acceptable.
-    #[error("{}: `{key}`{}: {reason}; {fix}", at(.path, .line), shown(.value))]
+    #[error("{}: `{key}`{}: {problem}", at(.path, .line), shown(.value))]
     Invalid {
         /// The file.
         path: PathBuf,
@@ -113,10 +113,8 @@ pub enum ConfigError {
         key: String,
         /// The value as written; `None` when it is a secret or not worth repeating.
         value: Option<String>,
-        /// What is wrong with it.
-        reason: String,
-        /// What to do about it.
-        fix: String,
+        /// What is wrong with it and what to do about it (`reason; fix`).
+        problem: String,
     },
 
     /// A secret reference (`env:NAME` or `<key>_file`) that cannot be resolved.
@@ -197,7 +195,11 @@ fn resolve_path(config_path: &Path, written: &str) -> PathBuf {
 /// 1-based line number of a byte offset in `text`.
 fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
 }
 
 /// Keeps a message from a parser library on one line.

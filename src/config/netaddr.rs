@@ -130,10 +130,27 @@ mod tests {
 
     #[test]
     fn hosts() {
-        for ok in ["10.0.0.12", "scim.internal", "a-b.example.com.", "[::1]", "[fd00::12]", "my_host"] {
+        for ok in [
+            "10.0.0.12",
+            "scim.internal",
+            "a-b.example.com.",
+            "[::1]",
+            "[fd00::12]",
+            "my_host",
+        ] {
             assert!(validate_host(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "999.1.1.1", "fd00::1", "[fd00::1", "[zz::]", "a..b", "-a.com", "a b", "a/b"] {
+        for bad in [
+            "",
+            "999.1.1.1",
+            "fd00::1",
+            "[fd00::1",
+            "[zz::]",
+            "a..b",
+            "-a.com",
+            "a b",
+            "a/b",
+        ] {
             assert!(validate_host(bad).is_err(), "{bad}");
         }
     }
@@ -141,7 +158,10 @@ mod tests {
     #[test]
     fn authorities() {
         let a = parse_authority("[fd00::12]:8443").unwrap();
-        assert_eq!((a.host.as_str(), a.bare_host.as_str(), a.port), ("[fd00::12]", "fd00::12", Some(8443)));
+        assert_eq!(
+            (a.host.as_str(), a.bare_host.as_str(), a.port),
+            ("[fd00::12]", "fd00::12", Some(8443))
+        );
         let a = parse_authority("crm.local").unwrap();
         assert_eq!(a.port, None);
         assert!(parse_authority("h:0").is_err());

@@ -88,8 +88,10 @@ impl SecretSource<'_> {
                 line,
                 key: format!("{}_file", self.key),
                 value: None,
-                reason: format!("both `{0}` and `{0}_file` are given", self.key),
-                fix: "keep only one of them".into(),
+                problem: format!(
+                    "both `{0}` and `{0}_file` are given; keep only one of them",
+                    self.key
+                ),
             });
         }
         Ok(())
@@ -105,15 +107,14 @@ impl SecretSource<'_> {
     /// is given. An empty result is an error.
     pub(crate) fn resolve(&self, config_path: &Path) -> Result<Option<Secret>, ConfigError> {
         self.check_exclusive(config_path)?;
-        let err = |line: Option<usize>, key: String, reason: String, fix: String| {
-            ConfigError::Secret {
+        let err =
+            |line: Option<usize>, key: String, reason: String, fix: String| ConfigError::Secret {
                 path: config_path.to_path_buf(),
                 line,
                 key,
                 reason,
                 fix,
-            }
-        };
+            };
         if let Some((written, line)) = self.value {
             if let Some(var) = written.strip_prefix(ENV_PREFIX) {
                 let var = var.trim();
@@ -235,8 +236,14 @@ mod tests {
             file: None,
         };
         let msg = src.resolve(&cfg()).unwrap_err().to_string();
-        assert!(msg.starts_with("/etc/connect/test.conf:4: `token`"), "{msg}");
-        assert!(msg.contains("SCIM_CONNECT_TEST_SURELY_UNSET is not set"), "{msg}");
+        assert!(
+            msg.starts_with("/etc/connect/test.conf:4: `token`"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("SCIM_CONNECT_TEST_SURELY_UNSET is not set"),
+            "{msg}"
+        );
         assert!(!msg.contains('\n'));
     }
 
@@ -288,7 +295,11 @@ mod tests {
             value: Some(("  ", Some(1))),
             file: None,
         };
-        assert!(src.resolve(&cfg()).unwrap_err().to_string().contains("empty"));
+        assert!(src
+            .resolve(&cfg())
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
         let none = SecretSource {
             key: "token",
             value: None,
