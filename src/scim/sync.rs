@@ -278,7 +278,11 @@ mod tests {
     use super::*;
     use crate::demo::scim_server::DemoScimServer;
     use crate::scim::resources::{ScimEmail, ScimUser};
-    use crate::scim::transport::{HttpTransport, Transport};
+    use crate::scim::transport::{
+        HttpTransport, ScimRequest, ScimResponse, Transport, TransportError,
+    };
+    use futures_util::future::BoxFuture;
+    use std::sync::atomic::AtomicUsize;
     use std::sync::Arc;
 
     fn desired(i: usize) -> DesiredUser {
@@ -449,6 +453,89 @@ mod tests {
         assert_eq!(adopted.external_id.as_deref(), Some("ext-0777"));
         assert_eq!(adopted.user_name, "user0777@example.org");
         server.shutdown().await;
+    }
+
+    /// Passes requests to `inner`, but loses the answer of every POST (after it landed).
+    struct LosePostAnswers(Arc<dyn Transport>);
+
+    impl Transport for LosePostAnswers {
+        fn send(
+            &self,
+            request: ScimRequest,
+        ) -> BoxFuture<'_, Result<ScimResponse, TransportError>> {
+            Box::pin(async move {
+                let post = request.method == http::Method::POST;
+                let response = self.0.send(request).await?;
+                if post {
+                    return Err(TransportError::Tunnel {
+                        detail: "agent disconnected".into(),
+                    });
+                }
+                Ok(response)
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_create_whose_answer_was_lost_is_found_not_repeated() {
+        let (server, transport) = demo(None).await;
+        let lossy = ScimClient::new(
+            Arc::new(LosePostAnswers(transport)),
+            server.base_path().to_string(),
+            None,
+            100,
+        );
+        let want: Vec<DesiredUser> = (0..5).map(desired).collect();
+        let run = sync_users(&lossy, &want, &HashSet::new(), DeprovisionMode::Delete, 2)
+            .await
+            .unwrap();
+        assert_eq!((run.created, run.failed), (5, 0), "{:?}", run.first_error);
+        assert_eq!(run.managed_after.len(), 5);
+        // list + 5 × (POST + lookup): nothing posted twice.
+        assert_eq!(run.requests, 11);
+        assert_eq!(server.user_count(), 5);
+        server.shutdown().await;
+    }
+
+    /// Lists no users and answers every other request with 401.
+    struct RejectWrites(AtomicUsize);
+
+    impl Transport for RejectWrites {
+        fn send(
+            &self,
+            request: ScimRequest,
+        ) -> BoxFuture<'_, Result<ScimResponse, TransportError>> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            let (status, body) = if request.method == http::Method::GET {
+                (200, json!({"totalResults": 0, "Resources": []}))
+            } else {
+                (401, json!({"status": "401", "detail": "token expired"}))
+            };
+            Box::pin(async move {
+                Ok(ScimResponse {
+                    status,
+                    headers: vec![],
+                    body: serde_json::to_vec(&body).unwrap(),
+                })
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_systemic_failure_stops_the_run() {
+        let transport = Arc::new(RejectWrites(AtomicUsize::new(0)));
+        let client = ScimClient::new(transport.clone(), "/scim/v2".into(), None, 100);
+        let want: Vec<DesiredUser> = (0..50).map(desired).collect();
+        let run = sync_users(&client, &want, &HashSet::new(), DeprovisionMode::Delete, 1)
+            .await
+            .unwrap();
+        assert_eq!((run.created, run.failed), (0, 50));
+        assert_eq!(run.requests, 2);
+        assert_eq!(transport.0.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            run.first_error.unwrap().diagnosis(),
+            "authentication failed (401): check the app's auth mode and secret"
+        );
     }
 
     #[tokio::test]
