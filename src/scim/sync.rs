@@ -128,11 +128,14 @@ pub async fn sync_users(
                 (seq, op)
             })
             .collect();
-        let outcomes: Vec<(usize, Outcome)> = stream::iter(numbered)
-            .map(|(n, op)| {
-                let stop = &stop;
-                async move { (n, apply(client, op, mode, stop).await) }
-            })
+        // Futures are built up front: a closure inside the stream type trips the compiler's
+        // higher-ranked Send check when this function runs inside an actor.
+        let stop = &stop;
+        let futures: Vec<_> = numbered
+            .into_iter()
+            .map(|(n, op)| async move { (n, apply(client, op, mode, stop).await) })
+            .collect();
+        let outcomes: Vec<(usize, Outcome)> = stream::iter(futures)
             .buffer_unordered(concurrency)
             .collect()
             .await;

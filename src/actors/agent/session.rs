@@ -114,6 +114,21 @@ impl Actor for Session {
         })
     }
 
+    /// The only child is the KeyExchange of the current connection attempt. Its normal end is
+    /// expected; its failure already surfaced as a failed call. Neither ends this actor (the
+    /// default would stop the parent when a child stops).
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        event: ractor::SupervisionEvent,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let ractor::SupervisionEvent::ActorFailed(_, err) = event {
+            tracing::debug!("key exchange failed: {err}");
+        }
+        Ok(())
+    }
+
     async fn handle(
         &self,
         myself: ActorRef<Self::Msg>,

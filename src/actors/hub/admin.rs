@@ -12,6 +12,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -69,7 +70,9 @@ impl Actor for Admin {
         let app = router(state);
         let listener = args.listener;
         Ok(tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).tcp_nodelay(true).await {
+            if let Err(e) = axum::serve(listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            }), app).await {
                 tracing::error!("admin API stopped: {e}");
             }
         }))
