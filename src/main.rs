@@ -14,7 +14,11 @@ use scim_connect::{actors, admin_client, demo, logging};
 const EXIT_CONFIG: u8 = 2;
 
 #[derive(Parser)]
-#[command(name = "connect", version, about = "SCIM provisioning hub and on-premises agent")]
+#[command(
+    name = "connect",
+    version,
+    about = "SCIM provisioning hub and on-premises agent"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -99,7 +103,10 @@ fn normalise_args() -> Vec<String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(normalise_args());
-    let quiet = matches!(cli.command, Command::Demo { .. } | Command::Sync { .. } | Command::SetTarget { .. });
+    let quiet = matches!(
+        cli.command,
+        Command::Demo { .. } | Command::Sync { .. } | Command::SetTarget { .. }
+    );
     logging::init(if quiet { "warn" } else { "info" });
     match cli.command {
         Command::SetTarget {
@@ -151,11 +158,21 @@ fn runtime() -> tokio::runtime::Runtime {
 fn set_target(config: PathBuf, change: SetTarget) -> ExitCode {
     match agent::set_target(&config, &change) {
         Ok(SetTargetOutcome::Added) => {
-            println!("{}: added target `{}` → {}", config.display(), change.name, change.addr);
+            println!(
+                "{}: added target `{}` → {}",
+                config.display(),
+                change.name,
+                change.addr
+            );
             ExitCode::SUCCESS
         }
         Ok(SetTargetOutcome::Replaced) => {
-            println!("{}: replaced target `{}` → {}", config.display(), change.name, change.addr);
+            println!(
+                "{}: replaced target `{}` → {}",
+                config.display(),
+                change.name,
+                change.addr
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -57,27 +57,36 @@ impl Deployment {
     async fn wait_for_agent(&self, target: &str) {
         let addr = format!("127.0.0.1:{}", self.admin_port).parse().unwrap();
         let auth = format!("Bearer {ADMIN_TOKEN}");
-        let ok = wait_until("agent registered with the hub", Duration::from_secs(30), || {
-            let auth = auth.clone();
-            async move {
-                let Ok(resp) =
-                    http_request(addr, "GET", "/api/services", &[("Authorization", &auth)], None)
-                        .await
-                else {
-                    return false;
-                };
-                let services: Value = serde_json::from_slice(&resp.body).unwrap_or(Value::Null);
-                services.as_array().into_iter().flatten().any(|s| {
-                    s["agents"].as_array().into_iter().flatten().any(|a| {
-                        a["targets"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .any(|t| t == target)
+        let ok = wait_until(
+            "agent registered with the hub",
+            Duration::from_secs(30),
+            || {
+                let auth = auth.clone();
+                async move {
+                    let Ok(resp) = http_request(
+                        addr,
+                        "GET",
+                        "/api/services",
+                        &[("Authorization", &auth)],
+                        None,
+                    )
+                    .await
+                    else {
+                        return false;
+                    };
+                    let services: Value = serde_json::from_slice(&resp.body).unwrap_or(Value::Null);
+                    services.as_array().into_iter().flatten().any(|s| {
+                        s["agents"].as_array().into_iter().flatten().any(|a| {
+                            a["targets"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .any(|t| t == target)
+                        })
                     })
-                })
-            }
-        })
+                }
+            },
+        )
         .await;
         if let Err(e) = ok {
             panic!("{e}\n{}", self.logs());
@@ -215,7 +224,11 @@ fn assert_user(u: &Value, i: u32, family: &str) {
     assert_eq!(u["userName"], format!("person{i:02}@example.com"), "{u}");
     assert_eq!(u["name"]["givenName"], format!("Given{i:02}"), "{u}");
     assert_eq!(u["name"]["familyName"], family, "{u}");
-    assert_eq!(u["emails"][0]["value"], format!("person{i:02}@example.com"), "{u}");
+    assert_eq!(
+        u["emails"][0]["value"],
+        format!("person{i:02}@example.com"),
+        "{u}"
+    );
     assert_eq!(u["active"], true, "{u}");
 }
 
@@ -264,7 +277,10 @@ async fn provisions_updates_and_deprovisions_through_the_tunnel() {
     }
     for server in [&crm, &wiki] {
         let users = users_of(server).await;
-        let managed: Vec<&String> = users.keys().filter(|k| !k.starts_with("unmanaged:")).collect();
+        let managed: Vec<&String> = users
+            .keys()
+            .filter(|k| !k.starts_with("unmanaged:"))
+            .collect();
         assert_eq!(managed.len(), 11, "{users:?}");
         for i in 1..=11 {
             assert_user(&users[&format!("u{i:02}")], i, &format!("Family{i:02}"));
@@ -276,17 +292,22 @@ async fn provisions_updates_and_deprovisions_through_the_tunnel() {
     // A second run with nothing changed changes nothing.
     let (code, out) = deployment.sync("crm");
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("created 0, updated 0, deprovisioned 0"), "{out}");
+    assert!(
+        out.contains("created 0, updated 0, deprovisioned 0"),
+        "{out}"
+    );
     assert!(out.contains("unchanged 11"), "{out}");
 
     // Rename u01, take u02 out of staff, add u13 to staff.
     let mut directory = initial_directory();
     directory["users"][0]["name"]["familyName"] = json!("Renamed");
     directory["users"][0]["displayName"] = json!("Given01 Renamed");
-    directory["users"]
-        .as_array_mut()
-        .unwrap()
-        .push(user("u13", "person13@example.com", "Given13", "Family13"));
+    directory["users"].as_array_mut().unwrap().push(user(
+        "u13",
+        "person13@example.com",
+        "Given13",
+        "Family13",
+    ));
     let staff = directory["groups"][0]["members"].as_array_mut().unwrap();
     staff.retain(|m| m["value"] != "u02");
     staff.push(json!({ "value": "u13", "type": "User" }));
@@ -295,18 +316,27 @@ async fn provisions_updates_and_deprovisions_through_the_tunnel() {
     for app in ["crm", "wiki"] {
         let (code, out) = deployment.sync(app);
         assert_eq!(code, 0, "{out}\n{}", deployment.logs());
-        assert!(out.contains("created 1, updated 1, deprovisioned 1"), "{app}: {out}");
+        assert!(
+            out.contains("created 1, updated 1, deprovisioned 1"),
+            "{app}: {out}"
+        );
     }
     let crm_users = users_of(&crm).await;
     assert_user(&crm_users["u01"], 1, "Renamed");
     assert_eq!(crm_users["u01"]["displayName"], "Given01 Renamed");
     assert!(!crm_users.contains_key("u02"), "delete mode removes u02");
     assert_user(&crm_users["u13"], 13, "Family13");
-    assert!(crm_users.contains_key("unmanaged:legacy-admin"), "unmanaged user left alone");
+    assert!(
+        crm_users.contains_key("unmanaged:legacy-admin"),
+        "unmanaged user left alone"
+    );
     assert_eq!(crm_users.len(), 12);
 
     let wiki_users = users_of(&wiki).await;
-    assert_eq!(wiki_users["u02"]["active"], false, "deactivate mode keeps u02, inactive");
+    assert_eq!(
+        wiki_users["u02"]["active"], false,
+        "deactivate mode keeps u02, inactive"
+    );
     assert_user(&wiki_users["u01"], 1, "Renamed");
     assert_user(&wiki_users["u13"], 13, "Family13");
 }
@@ -317,12 +347,54 @@ async fn sync_failures_name_the_actionable_cause() {
     let closed_port = free_port();
     let base = format!("http://app.internal.example:{}/v2", server.port);
     let apps = [
-        AppSpec { name: "ok", base_url: base.clone(), target: "scim", token: SCIM_TOKEN, deprovision: "delete", service: "onprem" },
-        AppSpec { name: "badtoken", base_url: base.clone(), target: "scim", token: "wrong-token", deprovision: "delete", service: "onprem" },
-        AppSpec { name: "badpath", base_url: format!("http://app.internal.example:{}/nope/v2", server.port), target: "scim", token: SCIM_TOKEN, deprovision: "delete", service: "onprem" },
-        AppSpec { name: "closed", base_url: base.clone(), target: "closed", token: SCIM_TOKEN, deprovision: "delete", service: "onprem" },
-        AppSpec { name: "undeclared", base_url: base.clone(), target: "not-declared", token: SCIM_TOKEN, deprovision: "delete", service: "onprem" },
-        AppSpec { name: "noagent", base_url: base.clone(), target: "scim", token: SCIM_TOKEN, deprovision: "delete", service: "idle" },
+        AppSpec {
+            name: "ok",
+            base_url: base.clone(),
+            target: "scim",
+            token: SCIM_TOKEN,
+            deprovision: "delete",
+            service: "onprem",
+        },
+        AppSpec {
+            name: "badtoken",
+            base_url: base.clone(),
+            target: "scim",
+            token: "wrong-token",
+            deprovision: "delete",
+            service: "onprem",
+        },
+        AppSpec {
+            name: "badpath",
+            base_url: format!("http://app.internal.example:{}/nope/v2", server.port),
+            target: "scim",
+            token: SCIM_TOKEN,
+            deprovision: "delete",
+            service: "onprem",
+        },
+        AppSpec {
+            name: "closed",
+            base_url: base.clone(),
+            target: "closed",
+            token: SCIM_TOKEN,
+            deprovision: "delete",
+            service: "onprem",
+        },
+        AppSpec {
+            name: "undeclared",
+            base_url: base.clone(),
+            target: "not-declared",
+            token: SCIM_TOKEN,
+            deprovision: "delete",
+            service: "onprem",
+        },
+        AppSpec {
+            name: "noagent",
+            base_url: base.clone(),
+            target: "scim",
+            token: SCIM_TOKEN,
+            deprovision: "delete",
+            service: "idle",
+        },
     ];
     let targets = [
         ("scim", format!("127.0.0.1:{}", server.port)),
@@ -344,12 +416,21 @@ async fn sync_failures_name_the_actionable_cause() {
     for (app, expected) in cases {
         let (code, out) = deployment.sync(app);
         assert_eq!(code, 1, "{app}: {out}");
-        assert!(out.to_lowercase().contains(expected), "{app}: expected `{expected}` in:\n{out}");
+        assert!(
+            out.to_lowercase().contains(expected),
+            "{app}: expected `{expected}` in:\n{out}"
+        );
     }
     let (_, out) = deployment.sync("undeclared");
-    assert!(out.contains("none advertises target `not-declared`"), "{out}");
+    assert!(
+        out.contains("none advertises target `not-declared`"),
+        "{out}"
+    );
     let (_, out) = deployment.sync("noagent");
-    assert!(out.contains("no agent is connected for service `idle`"), "{out}");
+    assert!(
+        out.contains("no agent is connected for service `idle`"),
+        "{out}"
+    );
 
     // An unknown application is a clear error, not a hang.
     let (code, out) = deployment.sync("missing");

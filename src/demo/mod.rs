@@ -3,5 +3,5 @@
 //!
 //! Code here serves demos and tests only: production roles must never depend on it.
 
-pub mod scim_server;
 pub mod run;
+pub mod scim_server;

@@ -42,14 +42,20 @@ pub async fn run(users: usize, keep: bool) -> Result<(), String> {
         let kept = tmp.keep();
         println!("files kept in {}", kept.display());
     } else {
-        println!("(the demo folder {} is removed at exit; `connect demo --keep` keeps it)", dir.display());
+        println!(
+            "(the demo folder {} is removed at exit; `connect demo --keep` keeps it)",
+            dir.display()
+        );
     }
     result
 }
 
 async fn run_in(dir: &Path, users: usize) -> Result<(), String> {
     let started = Instant::now();
-    println!("scim-connect demo — hub, agent and a SCIM server, all on 127.0.0.1, files in {}", dir.display());
+    println!(
+        "scim-connect demo — hub, agent and a SCIM server, all on 127.0.0.1, files in {}",
+        dir.display()
+    );
 
     // The application: an in-process SCIM server standing in for an on-premises app.
     let scim_token = random_token();
@@ -60,11 +66,16 @@ async fn run_in(dir: &Path, users: usize) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot start the demo SCIM server: {e}"))?;
     let scim_addr = scim.local_addr();
-    println!("  SCIM server   http://{scim_addr}{} (bearer token required)", scim.base_path());
+    println!(
+        "  SCIM server   http://{scim_addr}{} (bearer token required)",
+        scim.base_path()
+    );
 
     // Certificates: a private CA that the agent trusts through hub_ca.
     let ca = TestCa::new("scim-connect demo CA").map_err(|e| e.to_string())?;
-    let leaf = ca.issue(&["localhost", "127.0.0.1"]).map_err(|e| e.to_string())?;
+    let leaf = ca
+        .issue(&["localhost", "127.0.0.1"])
+        .map_err(|e| e.to_string())?;
     let (cert, key) = write_pem_files(dir, "hub", &leaf).map_err(|e| e.to_string())?;
     let ca_path = dir.join("hub-ca.pem");
     std::fs::write(&ca_path, ca.cert_pem()).map_err(|e| e.to_string())?;
@@ -72,7 +83,9 @@ async fn run_in(dir: &Path, users: usize) -> Result<(), String> {
     // The directory the hub provisions from.
     let directory_path = dir.join("directory.json");
     let mut directory = sample_directory(users);
-    directory.save(&directory_path).map_err(|e| format!("{}: {e}", directory_path.display()))?;
+    directory
+        .save(&directory_path)
+        .map_err(|e| format!("{}: {e}", directory_path.display()))?;
 
     // The hub, from a real hub.toml.
     let service_id = random_token();
@@ -82,14 +95,29 @@ async fn run_in(dir: &Path, users: usize) -> Result<(), String> {
     let hub_toml = dir.join("hub.toml");
     std::fs::write(
         &hub_toml,
-        hub_toml_text(hub_port, admin_port, &cert, &key, dir, &directory_path, &service_id, &admin_token, &scim_token, scim_addr.port()),
+        hub_toml_text(
+            hub_port,
+            admin_port,
+            &cert,
+            &key,
+            dir,
+            &directory_path,
+            &service_id,
+            &admin_token,
+            &scim_token,
+            scim_addr.port(),
+        ),
     )
     .map_err(|e| e.to_string())?;
     let hub_config = HubConfig::load(&hub_toml).map_err(|e| e.to_string())?;
     let hub = actors::hub::start(&hub_config, Default::default())
         .await
         .map_err(|e| e.to_string())?;
-    println!("  hub           agents wss://127.0.0.1:{}/v1/connect, admin API http://{}", hub.agent_addr.port(), hub.admin_addr);
+    println!(
+        "  hub           agents wss://127.0.0.1:{}/v1/connect, admin API http://{}",
+        hub.agent_addr.port(),
+        hub.admin_addr
+    );
 
     // The agent, from a real config.ini, with one target pointing at the SCIM server.
     let agent_dir = dir.join("agent");
@@ -107,13 +135,20 @@ async fn run_in(dir: &Path, users: usize) -> Result<(), String> {
     let agent = actors::agent::run::start(&agent_config)
         .await
         .map_err(|e| e.to_string())?;
-    println!("  agent         {} — target `scim` → {scim_addr}", config_ini.display());
+    println!(
+        "  agent         {} — target `scim` → {scim_addr}",
+        config_ini.display()
+    );
 
     let result = async {
         let waited = Instant::now();
         loop {
             let services = hub.services().await;
-            if services.iter().any(|s| s.agents.iter().any(|a| a.targets.iter().any(|t| t == "scim"))) {
+            if services.iter().any(|s| {
+                s.agents
+                    .iter()
+                    .any(|a| a.targets.iter().any(|t| t == "scim"))
+            }) {
                 break;
             }
             if waited.elapsed() > Duration::from_secs(20) {
@@ -121,7 +156,10 @@ async fn run_in(dir: &Path, users: usize) -> Result<(), String> {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        println!("agent connected through TLS + Noise NNpsk0 in {} ms", waited.elapsed().as_millis());
+        println!(
+            "agent connected through TLS + Noise NNpsk0 in {} ms",
+            waited.elapsed().as_millis()
+        );
         let granted = directory.granted(&hub_config.apps[0].grant).users.len();
         println!(
             "directory: {} users in {} groups; `{APP}` grants groups {} → {granted} users\n",
@@ -132,7 +170,10 @@ async fn run_in(dir: &Path, users: usize) -> Result<(), String> {
 
         let first = sync(&hub_config).await?;
         println!("run 1  {}", admin_client::describe_run(&first));
-        println!("       the SCIM server now holds {} users\n", scim.user_count());
+        println!(
+            "       the SCIM server now holds {} users\n",
+            scim.user_count()
+        );
         expect(&first, users, 0, 0)?;
 
         let changes = change_directory(&mut directory);
@@ -140,7 +181,10 @@ async fn run_in(dir: &Path, users: usize) -> Result<(), String> {
         println!("directory changed: {changes}");
         let second = sync(&hub_config).await?;
         println!("run 2  {}", admin_client::describe_run(&second));
-        println!("       the SCIM server now holds {} users\n", scim.user_count());
+        println!(
+            "       the SCIM server now holds {} users\n",
+            scim.user_count()
+        );
         expect(&second, 1, 1, 1)?;
         Ok(())
     }
@@ -161,8 +205,17 @@ async fn sync(config: &HubConfig) -> Result<RunSummary, String> {
         .map_err(|e| e.to_string())
 }
 
-fn expect(run: &RunSummary, created: usize, updated: usize, deprovisioned: usize) -> Result<(), String> {
-    if run.ok && run.created == created && run.updated == updated && run.deprovisioned() == deprovisioned {
+fn expect(
+    run: &RunSummary,
+    created: usize,
+    updated: usize,
+    deprovisioned: usize,
+) -> Result<(), String> {
+    if run.ok
+        && run.created == created
+        && run.updated == updated
+        && run.deprovisioned() == deprovisioned
+    {
         Ok(())
     } else {
         Err(format!(
@@ -195,11 +248,23 @@ fn hub_toml_text(
     let _ = writeln!(t, "tls_key = \"{}\"", key.display());
     let _ = writeln!(t, "state_dir = \"{}\"", dir.join("hub-state").display());
     let _ = writeln!(t, "directory = \"{}\"\n", directory.display());
-    let _ = writeln!(t, "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken = \"{admin_token}\"\n");
-    let _ = writeln!(t, "[[services]]\nname = \"demo\"\nservice_id = \"{service_id}\"\n");
+    let _ = writeln!(
+        t,
+        "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken = \"{admin_token}\"\n"
+    );
+    let _ = writeln!(
+        t,
+        "[[services]]\nname = \"demo\"\nservice_id = \"{service_id}\"\n"
+    );
     let _ = writeln!(t, "[apps.{APP}]");
-    let _ = writeln!(t, "base_url = \"http://demo-scim.local:{scim_port}/scim/v2\"");
-    let _ = writeln!(t, "service = \"demo\"\ntarget = \"scim\"\nauth = \"bearer\"\ntoken = \"{scim_token}\"");
+    let _ = writeln!(
+        t,
+        "base_url = \"http://demo-scim.local:{scim_port}/scim/v2\""
+    );
+    let _ = writeln!(
+        t,
+        "service = \"demo\"\ntarget = \"scim\"\nauth = \"bearer\"\ntoken = \"{scim_token}\""
+    );
     let _ = writeln!(t, "deprovision = \"delete\"");
     let groups: Vec<String> = GRANTED_GROUPS.iter().map(|g| format!("\"{g}\"")).collect();
     let _ = writeln!(t, "grant_groups = [{}]", groups.join(", "));
@@ -209,8 +274,12 @@ fn hub_toml_text(
 /// `users` granted users spread over three granted groups (one of them through a nested
 /// group), plus contractors who are not granted.
 fn sample_directory(users: usize) -> Directory {
-    const GIVEN: [&str; 8] = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken"];
-    const FAMILY: [&str; 8] = ["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Allen", "Thompson"];
+    const GIVEN: [&str; 8] = [
+        "Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken",
+    ];
+    const FAMILY: [&str; 8] = [
+        "Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Allen", "Thompson",
+    ];
     let contractors = 25;
     let mut dir_users = Vec::new();
     for i in 1..=users + contractors {
@@ -220,28 +289,48 @@ fn sample_directory(users: usize) -> Directory {
     }
     let mut groups: Vec<DirGroup> = GRANTED_GROUPS
         .iter()
-        .map(|g| DirGroup { id: format!("g-{g}"), display_name: g.to_string(), members: Vec::new() })
+        .map(|g| DirGroup {
+            id: format!("g-{g}"),
+            display_name: g.to_string(),
+            members: Vec::new(),
+        })
         .collect();
-    let mut platform = DirGroup { id: "g-platform".into(), display_name: "platform".into(), members: Vec::new() };
+    let mut platform = DirGroup {
+        id: "g-platform".into(),
+        display_name: "platform".into(),
+        members: Vec::new(),
+    };
     for i in 1..=users {
-        let member = Member { value: user_id(i), kind: MemberKind::User };
+        let member = Member {
+            value: user_id(i),
+            kind: MemberKind::User,
+        };
         match i % 3 {
             // Every sixth user reaches engineering only through the nested platform group.
             0 if i % 6 == 0 => platform.members.push(member),
             n => groups[n].members.push(member),
         }
     }
-    groups[0].members.push(Member { value: platform.id.clone(), kind: MemberKind::Group });
+    groups[0].members.push(Member {
+        value: platform.id.clone(),
+        kind: MemberKind::Group,
+    });
     let contractors_group = DirGroup {
         id: "g-contractors".into(),
         display_name: "contractors".into(),
         members: (users + 1..=users + contractors)
-            .map(|i| Member { value: user_id(i), kind: MemberKind::User })
+            .map(|i| Member {
+                value: user_id(i),
+                kind: MemberKind::User,
+            })
             .collect(),
     };
     groups.push(platform);
     groups.push(contractors_group);
-    Directory { users: dir_users, groups }
+    Directory {
+        users: dir_users,
+        groups,
+    }
 }
 
 fn user_id(i: usize) -> String {
@@ -249,7 +338,11 @@ fn user_id(i: usize) -> String {
 }
 
 fn person(i: usize, given: &str, family: &str) -> DirUser {
-    let user_name = format!("{}.{}{i}@example.com", given.to_lowercase(), family.to_lowercase());
+    let user_name = format!(
+        "{}.{}{i}@example.com",
+        given.to_lowercase(),
+        family.to_lowercase()
+    );
     DirUser {
         id: user_id(i),
         user_name: user_name.clone(),
@@ -259,7 +352,11 @@ fn person(i: usize, given: &str, family: &str) -> DirUser {
             family_name: Some(family.to_string()),
             formatted: Some(format!("{given} {family}")),
         }),
-        emails: vec![Email { value: user_name, kind: Some("work".into()), primary: true }],
+        emails: vec![Email {
+            value: user_name,
+            kind: Some("work".into()),
+            primary: true,
+        }],
         active: true,
     }
 }
@@ -268,7 +365,11 @@ fn person(i: usize, given: &str, family: &str) -> DirUser {
 fn change_directory(directory: &mut Directory) -> String {
     let renamed = &mut directory.users[0];
     let old = renamed.display_name.clone().unwrap_or_default();
-    let given = renamed.name.as_ref().and_then(|n| n.given_name.clone()).unwrap_or_default();
+    let given = renamed
+        .name
+        .as_ref()
+        .and_then(|n| n.given_name.clone())
+        .unwrap_or_default();
     let new_family = "Renamed-Smith";
     renamed.display_name = Some(format!("{given} {new_family}"));
     renamed.name = Some(PersonName {
@@ -276,7 +377,10 @@ fn change_directory(directory: &mut Directory) -> String {
         family_name: Some(new_family.into()),
         formatted: Some(format!("{given} {new_family}")),
     });
-    let renamed_text = format!("{} renamed \"{old}\" → \"{given} {new_family}\"", renamed.id);
+    let renamed_text = format!(
+        "{} renamed \"{old}\" → \"{given} {new_family}\"",
+        renamed.id
+    );
 
     let leaver = directory.users[1].id.clone();
     for group in &mut directory.groups {
@@ -287,8 +391,15 @@ fn change_directory(directory: &mut Directory) -> String {
     let newcomer = person(n, "Radia", "Perlman");
     let newcomer_id = newcomer.id.clone();
     directory.users.push(newcomer);
-    if let Some(sales) = directory.groups.iter_mut().find(|g| g.display_name == "sales") {
-        sales.members.push(Member { value: newcomer_id.clone(), kind: MemberKind::User });
+    if let Some(sales) = directory
+        .groups
+        .iter_mut()
+        .find(|g| g.display_name == "sales")
+    {
+        sales.members.push(Member {
+            value: newcomer_id.clone(),
+            kind: MemberKind::User,
+        });
     }
     format!("{renamed_text}; {leaver} removed from every group; {newcomer_id} added to sales")
 }
@@ -304,4 +415,3 @@ fn free_port() -> Result<u16, String> {
         .map(|a| a.port())
         .map_err(|e| format!("cannot find a free loopback port: {e}"))
 }
-

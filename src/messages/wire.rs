@@ -20,20 +20,35 @@ pub enum Frame {
         targets: Vec<TargetInfo>,
     },
     /// The hub's answer to `Hello`: the session is registered and may receive requests.
-    Welcome { version: u16, session_id: u64 },
+    Welcome {
+        version: u16,
+        session_id: u64,
+    },
     /// The agent's declared target set changed (sent without reconnecting).
-    Targets { targets: Vec<TargetInfo> },
+    Targets {
+        targets: Vec<TargetInfo>,
+    },
     /// Hub → agent: forward one HTTP request to a declared target.
     Request(ForwardRequest),
     /// Agent → hub: the outcome of one forwarded request.
     Response(ForwardResponse),
     /// Hub → agent: the hub no longer waits for this request.
-    Cancel { id: u64 },
+    Cancel {
+        id: u64,
+    },
     /// Liveness probe, either direction. `sent_micros` is echoed unchanged in the `Pong`.
-    Ping { seq: u64, sent_micros: u64 },
-    Pong { seq: u64, sent_micros: u64 },
+    Ping {
+        seq: u64,
+        sent_micros: u64,
+    },
+    Pong {
+        seq: u64,
+        sent_micros: u64,
+    },
     /// The sender is going away on purpose: stop routing to it at once.
-    Goodbye { reason: String },
+    Goodbye {
+        reason: String,
+    },
 }
 
 /// A target as advertised to the hub. Only the name leaves the VM: addresses stay local.

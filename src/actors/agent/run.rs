@@ -6,10 +6,12 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use tokio::task::JoinHandle;
 
-use crate::messages::agent::{DialerLimits, TargetSpec, TargetTls};
 use super::session::HubEndpoint;
-use super::supervisor::{AgentSupervisor, AgentSupervisorArgs, AgentSupervisorMsg, SessionTemplate};
+use super::supervisor::{
+    AgentSupervisor, AgentSupervisorArgs, AgentSupervisorMsg, SessionTemplate,
+};
 use crate::config::agent::{AgentConfig, TlsMode};
+use crate::messages::agent::{DialerLimits, TargetSpec, TargetTls};
 use crate::messages::agent::{SessionMsg, SessionStatus};
 use crate::tunnel;
 
@@ -49,7 +51,10 @@ impl AgentHandle {
     async fn session(&self) -> Option<ActorRef<SessionMsg>> {
         match self
             .supervisor
-            .call(AgentSupervisorMsg::CurrentSession, Some(Duration::from_secs(2)))
+            .call(
+                AgentSupervisorMsg::CurrentSession,
+                Some(Duration::from_secs(2)),
+            )
             .await
         {
             Ok(CallResult::Success(session)) => session,

@@ -274,7 +274,9 @@ impl Session {
     }
 
     fn on_frame(&self, myself: &ActorRef<SessionMsg>, state: &mut SessionState, frame: Frame) {
-        let Some(conn) = state.conn.as_mut() else { return };
+        let Some(conn) = state.conn.as_mut() else {
+            return;
+        };
         conn.last_heard = Instant::now();
         match frame {
             Frame::Welcome {
@@ -282,7 +284,11 @@ impl Session {
                 session_id,
             } => {
                 if version != PROTOCOL_VERSION {
-                    self.lost(myself, state, format!("hub speaks protocol {version}, agent speaks {PROTOCOL_VERSION}"));
+                    self.lost(
+                        myself,
+                        state,
+                        format!("hub speaks protocol {version}, agent speaks {PROTOCOL_VERSION}"),
+                    );
                     return;
                 }
                 conn.welcomed = true;
@@ -312,7 +318,11 @@ impl Session {
                 state.status.last_rtt_micros = Some(now_micros().saturating_sub(sent_micros));
             }
             Frame::Goodbye { reason } => {
-                self.lost(myself, state, format!("the hub closed the session: {reason}"));
+                self.lost(
+                    myself,
+                    state,
+                    format!("the hub closed the session: {reason}"),
+                );
             }
             Frame::Hello { .. } | Frame::Targets { .. } | Frame::Response(_) => {
                 self.lost(myself, state, "the hub sent an agent-only frame".into());
@@ -359,15 +369,18 @@ async fn dial(hub: &HubEndpoint, lookup_hash: &str) -> Result<Ws, String> {
         .map_err(|_| format!("connecting to {addr} timed out"))?
         .map_err(|e| format!("connecting to {addr}: {e}"))?;
     let _ = tcp.set_nodelay(true);
-    let server_name = ServerName::try_from(hub.host.trim_matches(|c| c == '[' || c == ']').to_string())
-        .map_err(|_| format!("`{}` is not a valid TLS server name", hub.host))?;
+    let server_name =
+        ServerName::try_from(hub.host.trim_matches(|c| c == '[' || c == ']').to_string())
+            .map_err(|_| format!("`{}` is not a valid TLS server name", hub.host))?;
     let tls = tokio::time::timeout(
         CONNECT_TIMEOUT,
         TlsConnector::from(hub.tls.clone()).connect(server_name, tcp),
     )
     .await
     .map_err(|_| format!("TLS handshake with {addr} timed out"))?
-    .map_err(|e| format!("TLS handshake with {addr} failed: {e} (is hub_ca set to the hub's CA?)"))?;
+    .map_err(|e| {
+        format!("TLS handshake with {addr} failed: {e} (is hub_ca set to the hub's CA?)")
+    })?;
     let io: BoxedIo = Box::new(tls);
     let mut request = hub
         .url

@@ -10,9 +10,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tracing::{error, warn};
 
 use super::dialer::Dialers;
-use crate::messages::agent::{DialerLimits, TargetSpec};
 use super::session::{Session, SessionArgs};
 use crate::messages::agent::SessionMsg;
+use crate::messages::agent::{DialerLimits, TargetSpec};
 
 /// Messages of the AgentSupervisor.
 pub enum AgentSupervisorMsg {

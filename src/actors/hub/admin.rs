@@ -70,9 +70,14 @@ impl Actor for Admin {
         let app = router(state);
         let listener = args.listener;
         Ok(tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            }), app).await {
+            if let Err(e) = axum::serve(
+                listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                }),
+                app,
+            )
+            .await
+            {
                 tracing::error!("admin API stopped: {e}");
             }
         }))
@@ -111,20 +116,20 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
-fn authorized(state: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
+fn authorized(state: &ApiState, headers: &HeaderMap) -> bool {
     let presented = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if constant_time_eq(presented.as_bytes(), state.token.expose().as_bytes()) {
-        Ok(())
-    } else {
-        Err(error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong admin token (hub.toml [admin] token)",
-        ))
-    }
+    constant_time_eq(presented.as_bytes(), state.token.expose().as_bytes())
+}
+
+fn unauthorized() -> Response {
+    error(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong admin token (hub.toml [admin] token)",
+    )
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -135,8 +140,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn services(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&state, &headers) {
-        return r;
+    if !authorized(&state, &headers) {
+        return unauthorized();
     }
     match state
         .registry
@@ -149,8 +154,8 @@ async fn services(State(state): State<ApiState>, headers: HeaderMap) -> Response
 }
 
 async fn apps(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&state, &headers) {
-        return r;
+    if !authorized(&state, &headers) {
+        return unauthorized();
     }
     let mut list = Vec::new();
     for (name, reconciler) in reconcilers(&state) {
@@ -174,15 +179,18 @@ async fn sync(
     Path(app): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = authorized(&state, &headers) {
-        return r;
+    if !authorized(&state, &headers) {
+        return unauthorized();
     }
     let all = reconcilers(&state);
     let Some((_, reconciler)) = all.iter().find(|(name, _)| *name == app) else {
         let known: Vec<&str> = all.iter().map(|(name, _)| name.as_str()).collect();
         return error(
             StatusCode::NOT_FOUND,
-            format!("no application `{app}` in hub.toml (known: {})", known.join(", ")),
+            format!(
+                "no application `{app}` in hub.toml (known: {})",
+                known.join(", ")
+            ),
         );
     };
     match reconciler

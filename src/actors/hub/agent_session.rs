@@ -210,7 +210,11 @@ impl Actor for AgentSession {
             }
             AgentSessionMsg::Expire { id } => {
                 if let Some((reply, waited)) = state.pending.remove(&id) {
-                    warn!(request_id = id, session = state.session_id, "agent did not answer in time");
+                    warn!(
+                        request_id = id,
+                        session = state.session_id,
+                        "agent did not answer in time"
+                    );
                     let _ = reply.send(Err(TransportError::Timeout {
                         after_ms: waited.as_millis() as u64,
                     }));
@@ -236,7 +240,12 @@ impl Actor for AgentSession {
 }
 
 impl AgentSession {
-    fn on_frame(&self, myself: &ActorRef<AgentSessionMsg>, state: &mut AgentSessionState, frame: Frame) {
+    fn on_frame(
+        &self,
+        myself: &ActorRef<AgentSessionMsg>,
+        state: &mut AgentSessionState,
+        frame: Frame,
+    ) {
         let Some(link) = &state.link else { return };
         match frame {
             Frame::Hello {

@@ -117,12 +117,13 @@ impl HubHandle {
 /// Binds the agent and admin listeners and starts the actor tree.
 pub async fn start(config: &HubConfig, options: HubOptions) -> Result<HubHandle, HubError> {
     let file = config.path.display().to_string();
-    let tls = crate::net::hub_server_config(&config.tls_cert, &config.tls_key).map_err(|source| {
-        HubError::Tls {
-            file: file.clone(),
-            source,
-        }
-    })?;
+    let tls =
+        crate::net::hub_server_config(&config.tls_cert, &config.tls_key).map_err(|source| {
+            HubError::Tls {
+                file: file.clone(),
+                source,
+            }
+        })?;
     let agent_listener = bind(config.listen, "listen", &file).await?;
     let admin_listener = bind(config.admin.listen, "admin.listen", &file).await?;
     let agent_addr = agent_listener.local_addr().unwrap_or(config.listen);
@@ -195,10 +196,12 @@ pub async fn start(config: &HubConfig, options: HubOptions) -> Result<HubHandle,
 }
 
 async fn bind(addr: SocketAddr, field: &'static str, file: &str) -> Result<TcpListener, HubError> {
-    TcpListener::bind(addr).await.map_err(|source| HubError::Listen {
-        addr,
-        field,
-        file: file.to_string(),
-        source,
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| HubError::Listen {
+            addr,
+            field,
+            file: file.to_string(),
+            source,
+        })
 }

@@ -96,10 +96,12 @@ impl Actor for Reconciler {
                 let _ = reply.send(state.last.clone());
             }
             ReconcilerMsg::ConnectorAvailable => {
-                let waiting_for_connector = state
-                    .last
-                    .as_ref()
-                    .is_some_and(|l| !l.ok && l.message.as_deref().is_some_and(|m| m.starts_with(NO_CONNECTOR)));
+                let waiting_for_connector = state.last.as_ref().is_some_and(|l| {
+                    !l.ok
+                        && l.message
+                            .as_deref()
+                            .is_some_and(|m| m.starts_with(NO_CONNECTOR))
+                });
                 if waiting_for_connector {
                     info!(app = %state.args.app.name, "a connector is available again; running now");
                     run_and_reschedule(&myself, state).await;
@@ -112,7 +114,10 @@ impl Actor for Reconciler {
 
 const NO_CONNECTOR: &str = "no connector available";
 
-async fn run_and_reschedule(myself: &ActorRef<ReconcilerMsg>, state: &mut ReconcilerState) -> RunSummary {
+async fn run_and_reschedule(
+    myself: &ActorRef<ReconcilerMsg>,
+    state: &mut ReconcilerState,
+) -> RunSummary {
     let summary = run_once(&state.args).await;
     let interval = state.args.app.interval;
     state.next_due = Instant::now() + interval;
@@ -162,7 +167,10 @@ async fn reconcile(args: &ReconcilerArgs, summary: &mut RunSummary) -> Result<()
     let desired: Vec<DesiredUser> = granted.users.iter().map(desired_user).collect();
     summary.desired = desired.len();
 
-    let managed = args.store.managed_users(&app.name).map_err(|e| e.to_string())?;
+    let managed = args
+        .store
+        .managed_users(&app.name)
+        .map_err(|e| e.to_string())?;
     let transport = Arc::new(TunnelTransport::new(args.registry.clone(), app));
     let client = ScimClient::new(
         transport,

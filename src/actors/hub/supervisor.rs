@@ -95,11 +95,11 @@ impl Actor for HubSupervisor {
                     myself.stop(Some("a hub component failed".into()));
                 }
             }
-            SupervisionEvent::ActorTerminated(cell, _, _) => {
-                if state.reconcilers.remove(&cell.get_id()).is_none() {
-                    warn!("hub component stopped; stopping the hub");
-                    myself.stop(None);
-                }
+            SupervisionEvent::ActorTerminated(cell, _, _)
+                if state.reconcilers.remove(&cell.get_id()).is_none() =>
+            {
+                warn!("hub component stopped; stopping the hub");
+                myself.stop(None);
             }
             _ => {}
         }
