@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 const ADMIN_TOKEN: &str = "admin-test-token";
 const SCIM_TOKEN: &str = "scim-test-token";
 const SERVICE_ID: &str = "svc-e2e-0123456789abcdef";
+const IMPOSTOR_ID: &str = "svc-impostor-fedcba9876543210";
 
 /// A hub and an agent running as processes, with their files in one temporary folder.
 struct Deployment {
@@ -432,14 +433,71 @@ async fn sync_failures_name_the_actionable_cause() {
         "{out}"
     );
 
+    // An agent holding a service id the hub does not know gets no session.
+    let impostor_ini = deployment.path("impostor.ini");
+    let ini = std::fs::read_to_string(deployment.path("config.ini"))
+        .unwrap()
+        .replace(SERVICE_ID, IMPOSTOR_ID)
+        .replace("agent-state", "impostor-state");
+    std::fs::write(&impostor_ini, ini).unwrap();
+    let mut cmd = Command::new(connect_bin());
+    cmd.args(["run", "--config"]).arg(&impostor_ini);
+    let impostor = ChildGuard::spawn("impostor", cmd).unwrap();
+    wait_until("impostor refused", Duration::from_secs(20), || {
+        let refused = impostor.logs().contains("does not accept this service");
+        async move { refused }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}
+{}",
+            impostor.logs()
+        )
+    });
+    assert!(
+        deployment.hub.logs().contains("unknown service"),
+        "{}",
+        deployment.logs()
+    );
+    let addr = format!("127.0.0.1:{}", deployment.admin_port)
+        .parse()
+        .unwrap();
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let services = http_request(
+        addr,
+        "GET",
+        "/api/services",
+        &[("Authorization", &auth)],
+        None,
+    )
+    .await
+    .unwrap();
+    let services: Value = serde_json::from_slice(&services.body).unwrap();
+    let agents: usize = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["agents"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(agents, 1, "only the real agent is registered: {services}");
+    let impostor_logs = impostor.logs();
+    drop(impostor);
+
     // An unknown application is a clear error, not a hang.
     let (code, out) = deployment.sync("missing");
     assert_ne!(code, 0);
     assert!(out.contains("no application `missing`"), "{out}");
 
     // No secret reaches the logs.
-    let logs = deployment.logs();
-    for secret in [SERVICE_ID, SCIM_TOKEN, ADMIN_TOKEN, "wrong-token"] {
+    let logs = format!("{}\n{impostor_logs}", deployment.logs());
+    for secret in [
+        SERVICE_ID,
+        IMPOSTOR_ID,
+        SCIM_TOKEN,
+        ADMIN_TOKEN,
+        "wrong-token",
+    ] {
         assert!(!logs.contains(secret), "secret `{secret}` in logs:\n{logs}");
     }
 }

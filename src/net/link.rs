@@ -161,3 +161,95 @@ where
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::BoxedIo;
+    use crate::tunnel::{self, Handshake};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::WebSocketStream;
+
+    /// A finished handshake: the agent's sealer and the hub's opener/sealer.
+    fn ciphers() -> (FrameSealer, FrameOpener, FrameSealer, FrameOpener) {
+        let psk = tunnel::service_psk("link-test-service-id");
+        let prologue = tunnel::prologue(&tunnel::lookup_hash("link-test-service-id"));
+        let mut a = Handshake::initiator(&psk, &prologue);
+        let mut b = Handshake::responder(&psk, &prologue);
+        b.read_message(&a.write_message(&[]).unwrap()).unwrap();
+        a.read_message(&b.write_message(&[]).unwrap()).unwrap();
+        let (a_send, a_recv) = a.into_transport().unwrap();
+        let (b_send, b_recv) = b.into_transport().unwrap();
+        (
+            FrameSealer::new(a_send),
+            FrameOpener::new(a_recv),
+            FrameSealer::new(b_send),
+            FrameOpener::new(b_recv),
+        )
+    }
+
+    async fn ws_pair() -> (Ws, Ws) {
+        let (x, y) = tokio::io::duplex(1 << 20);
+        let x: BoxedIo = Box::new(x);
+        let y: BoxedIo = Box::new(y);
+        (
+            WebSocketStream::from_raw_socket(x, Role::Client, None).await,
+            WebSocketStream::from_raw_socket(y, Role::Server, None).await,
+        )
+    }
+
+    #[tokio::test]
+    async fn frames_flow_and_a_flipped_byte_ends_the_link() {
+        let (mut agent_sealer, _agent_opener, hub_sealer, hub_opener) = ciphers();
+        let (mut agent_ws, hub_ws) = ws_pair().await;
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let _hub = Link::spawn(hub_ws, hub_sealer, hub_opener, move |event| {
+            let _ = events_tx.send(event);
+        });
+
+        let ping = Frame::Ping {
+            seq: 1,
+            sent_micros: 7,
+        };
+        for record in agent_sealer.seal(&ping).unwrap() {
+            agent_ws.send(Message::Binary(record.into())).await.unwrap();
+        }
+        match events.recv().await.unwrap() {
+            LinkEvent::Frame(frame) => assert_eq!(frame, ping),
+            other => panic!("expected the ping, got {other:?}"),
+        }
+
+        let mut record = agent_sealer.seal(&ping).unwrap().remove(0);
+        let last = record.len() - 1;
+        record[last] ^= 0x01;
+        agent_ws.send(Message::Binary(record.into())).await.unwrap();
+        match events.recv().await.unwrap() {
+            LinkEvent::Closed(why) => assert!(why.contains("integrity"), "{why}"),
+            other => panic!("expected the link to close, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replayed_record_ends_the_link() {
+        let (mut agent_sealer, _agent_opener, hub_sealer, hub_opener) = ciphers();
+        let (mut agent_ws, hub_ws) = ws_pair().await;
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let _hub = Link::spawn(hub_ws, hub_sealer, hub_opener, move |event| {
+            let _ = events_tx.send(event);
+        });
+        let record = agent_sealer
+            .seal(&Frame::Pong {
+                seq: 1,
+                sent_micros: 1,
+            })
+            .unwrap()
+            .remove(0);
+        agent_ws
+            .send(Message::Binary(record.clone().into()))
+            .await
+            .unwrap();
+        assert!(matches!(events.recv().await.unwrap(), LinkEvent::Frame(_)));
+        agent_ws.send(Message::Binary(record.into())).await.unwrap();
+        assert!(matches!(events.recv().await.unwrap(), LinkEvent::Closed(_)));
+    }
+}
