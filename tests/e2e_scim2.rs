@@ -407,6 +407,98 @@ async fn sync_failures_name_the_actionable_cause() {
     let (code, out) = deployment.sync("ok");
     assert_eq!(code, 0, "{out}\n{}", deployment.logs());
 
+    // The admin API's SCIM pass-through returns the server's own answer, unchanged.
+    let addr = format!("127.0.0.1:{}", deployment.admin_port)
+        .parse()
+        .unwrap();
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let through = http_request(
+        addr,
+        "GET",
+        "/api/apps/ok/scim/Users?count=2&startIndex=1",
+        &[("Authorization", &auth)],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(through.status, 200, "{}", through.text());
+    let direct = server
+        .request("GET", "/Users?count=2&startIndex=1", None)
+        .await;
+    // The hub sends the base URL's host as `Host` (the TCP address comes from the target), so
+    // the server builds its `meta.location` from that name; the rest is byte for byte the same.
+    let direct = direct.text().replace(
+        &format!("127.0.0.1:{}", server.port),
+        &format!("app.internal.example:{}", server.port),
+    );
+    assert_eq!(
+        through.json().unwrap(),
+        serde_json::from_str::<serde_json::Value>(&direct).unwrap()
+    );
+    let missing = http_request(
+        addr,
+        "GET",
+        "/api/apps/ok/scim/Users/no-such-id",
+        &[("Authorization", &auth)],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(missing.status, 404, "the server's 404 is passed through");
+    let unauthenticated = http_request(addr, "GET", "/api/apps/ok/scim/Users", &[], None)
+        .await
+        .unwrap();
+    assert_eq!(unauthenticated.status, 401);
+
+    // Run history: the ok run is recorded.
+    let runs = http_request(
+        addr,
+        "GET",
+        "/api/apps/ok/runs?limit=5",
+        &[("Authorization", &auth)],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        runs.json().unwrap()["runs"][0]["created"],
+        11,
+        "{}",
+        runs.text()
+    );
+
+    // A service switched off is named as such.
+    let off = http_request(
+        addr,
+        "PUT",
+        "/api/services/onprem/enabled",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        Some(br#"{"enabled":false}"#),
+    )
+    .await
+    .unwrap();
+    assert_eq!(off.status, 200, "{}", off.text());
+    let (code, out) = deployment.sync("ok");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("service `onprem` is switched off"), "{out}");
+    http_request(
+        addr,
+        "PUT",
+        "/api/services/onprem/enabled",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        Some(br#"{"enabled":true}"#),
+    )
+    .await
+    .unwrap();
+    let (code, out) = deployment.sync("ok");
+    assert_eq!(code, 0, "{out}");
+
     let cases = [
         ("badtoken", "authentication failed"),
         ("badpath", "endpoint not found"),

@@ -143,6 +143,35 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Runs of `app`, newest first, older than run `before` when given.
+    pub fn runs(
+        &self,
+        app: &str,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<RunSummary>, StoreError> {
+        let rows: Vec<(i64, String)> = self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, summary FROM runs WHERE app = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(
+                params![app, before.unwrap_or(i64::MAX), limit as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            rows.collect()
+        })?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, json)| {
+                let mut summary: RunSummary = serde_json::from_str(&json).ok()?;
+                summary.run_id = id;
+                Some(summary)
+            })
+            .collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +197,25 @@ mod tests {
         let last = store.last_run("crm").unwrap().unwrap();
         assert_eq!((last.run_id, last.created), (1, 2));
         assert!(store.last_run("other").unwrap().is_none());
+    }
+
+    #[test]
+    fn runs_page_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for created in 0..5 {
+            let summary = RunSummary {
+                app: "crm".into(),
+                created,
+                ..Default::default()
+            };
+            store.record_run(&summary).unwrap();
+        }
+        let first = store.runs("crm", None, 2).unwrap();
+        assert_eq!(first.iter().map(|r| r.run_id).collect::<Vec<_>>(), [5, 4]);
+        let next = store.runs("crm", Some(4), 10).unwrap();
+        assert_eq!(next.iter().map(|r| r.run_id).collect::<Vec<_>>(), [3, 2, 1]);
+        assert_eq!(next[0].created, 2);
+        assert!(store.runs("other", None, 10).unwrap().is_empty());
     }
 }

@@ -8,10 +8,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::Method;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post, put};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use ractor::rpc::CallResult;
@@ -20,9 +22,22 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use super::services::ServiceBook;
 use super::supervisor::ReconcilerTable;
+use super::tunnel_transport::TunnelTransport;
+use crate::config::hub::AppConfig;
 use crate::config::Secret;
 use crate::messages::hub::{ReconcilerMsg, RegistryMsg, RunSummary};
+use crate::scim::error::ScimError;
+use crate::scim::transport::{ScimRequest, Transport};
+use crate::store::Store;
+
+/// Largest request body the pass-through accepts.
+const PASS_THROUGH_MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// Headers the pass-through relays from the caller to the SCIM server. Authorization is not
+/// among them: the hub adds the application's own credentials.
+const RELAYED_REQUEST_HEADERS: &[&str] = &["content-type", "accept", "if-match", "if-none-match"];
 
 /// How long a forced sync may take before the API gives up waiting (the run goes on).
 const SYNC_WAIT: Duration = Duration::from_secs(3600);
@@ -33,6 +48,9 @@ pub struct AdminArgs {
     pub token: Secret,
     pub registry: ActorRef<RegistryMsg>,
     pub reconcilers: ReconcilerTable,
+    pub book: ServiceBook,
+    pub apps: Vec<AppConfig>,
+    pub store: Arc<Store>,
 }
 
 #[derive(Clone)]
@@ -40,6 +58,9 @@ struct ApiState {
     token: Arc<Secret>,
     registry: ActorRef<RegistryMsg>,
     reconcilers: ReconcilerTable,
+    book: ServiceBook,
+    apps: Arc<Vec<AppConfig>>,
+    store: Arc<Store>,
 }
 
 /// One application in `GET /api/apps`.
@@ -66,6 +87,9 @@ impl Actor for Admin {
             token: Arc::new(args.token),
             registry: args.registry,
             reconcilers: args.reconcilers,
+            book: args.book,
+            apps: Arc::new(args.apps),
+            store: args.store,
         };
         let app = router(state);
         let listener = args.listener;
@@ -97,7 +121,12 @@ fn router(state: ApiState) -> Router {
     Router::new()
         .route("/api/services", get(services))
         .route("/api/apps", get(apps))
+        .route("/api/services/{service}/enabled", put(set_enabled))
         .route("/api/apps/{app}/sync", post(sync))
+        .route("/api/apps/{app}/runs", get(runs))
+        .route("/api/apps/{app}/scim/{*path}", any(pass_through))
+        // The pass-through carries SCIM bodies, which can be list pages of some size.
+        .layer(axum::extract::DefaultBodyLimit::max(PASS_THROUGH_MAX_BODY))
         .with_state(state)
 }
 
@@ -206,5 +235,123 @@ async fn sync(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("the reconciler of `{app}` is not running"),
         ),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Enabled {
+    enabled: bool,
+}
+
+async fn set_enabled(
+    State(state): State<ApiState>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<Enabled>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    if !state.book.set_enabled(&service, body.enabled) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no service `{service}` in hub.toml"),
+        );
+    }
+    tracing::info!(service = %service, enabled = body.enabled, "service switched by the admin API");
+    Json(serde_json::json!({ "service": service, "enabled": body.enabled })).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct Page {
+    /// Runs older than this run id (exclusive); newest first when absent.
+    before: Option<i64>,
+    limit: Option<usize>,
+}
+
+async fn runs(
+    State(state): State<ApiState>,
+    Path(app): Path<String>,
+    Query(page): Query<Page>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    if !state.apps.iter().any(|a| a.name == app) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no application `{app}` in hub.toml"),
+        );
+    }
+    let limit = page.limit.unwrap_or(20).clamp(1, 500);
+    match state.store.runs(&app, page.before, limit) {
+        Ok(runs) => {
+            let next = if runs.len() == limit {
+                runs.last().map(|r| r.run_id)
+            } else {
+                None
+            };
+            Json(serde_json::json!({ "runs": runs, "next_before": next })).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Sends one SCIM request through the tunnel to the application's server and returns its answer
+/// unchanged: status, headers and body. Only the application's credentials are added.
+async fn pass_through(
+    State(state): State<ApiState>,
+    Path((app, path)): Path<(String, String)>,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let Some(config) = state.apps.iter().find(|a| a.name == app) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no application `{app}` in hub.toml"),
+        );
+    };
+    let mut path_and_query = format!("{}/{}", config.base_url.path, path);
+    if let Some(query) = uri.query() {
+        path_and_query.push('?');
+        path_and_query.push_str(query);
+    }
+    let mut relayed: Vec<(String, String)> = headers
+        .iter()
+        .filter(|(name, _)| RELAYED_REQUEST_HEADERS.contains(&name.as_str()))
+        .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_string())))
+        .collect();
+    if let Some(auth) = config.auth.authorization() {
+        relayed.push(("authorization".into(), auth.expose().to_string()));
+    }
+    let request = ScimRequest {
+        method,
+        path_and_query,
+        headers: relayed,
+        body: (!body.is_empty()).then(|| body.to_vec()),
+    };
+    let transport = TunnelTransport::new(state.registry.clone(), config);
+    match transport.send(request).await {
+        Ok(answer) => {
+            let mut response = Response::builder().status(answer.status);
+            for (name, value) in &answer.headers {
+                // Framing is the admin server's own business.
+                if !["content-length", "transfer-encoding", "connection"]
+                    .contains(&name.to_ascii_lowercase().as_str())
+                {
+                    response = response.header(name, value);
+                }
+            }
+            response
+                .body(axum::body::Body::from(answer.body))
+                .unwrap_or_else(|e| error(StatusCode::BAD_GATEWAY, e.to_string()))
+        }
+        Err(e) => error(StatusCode::BAD_GATEWAY, ScimError::Transport(e).diagnosis()),
     }
 }

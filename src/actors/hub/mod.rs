@@ -130,6 +130,7 @@ pub async fn start(config: &HubConfig, options: HubOptions) -> Result<HubHandle,
     let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.listen);
     let store = Arc::new(Store::open(&config.state_dir)?);
     let book = ServiceBook::new(&config.services);
+    let book_for_admin = book.clone();
 
     let spawn_err = |e: ractor::SpawnErr| HubError::Spawn(e.to_string());
     let (registry, _) = Actor::spawn(None, Registry, book.clone())
@@ -179,6 +180,9 @@ pub async fn start(config: &HubConfig, options: HubOptions) -> Result<HubHandle,
             token: config.admin.token.clone(),
             registry: registry.clone(),
             reconcilers: table.clone(),
+            book: book_for_admin,
+            apps: config.apps.clone(),
+            store: store.clone(),
         },
         supervisor.get_cell(),
     )
