@@ -5,199 +5,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::deploy::{
+    deploy, sample_directory, user, write_directory, App, DeploySpec, Target, ADMIN_TOKEN,
+    SCIM_TOKEN, SERVICE_ID,
+};
 use common::{connect_bin, free_port, http_request, wait_until, ChildGuard, Scim2Server};
-use scim_connect::certs::{write_pem_files, TestCa};
 use serde_json::{json, Value};
 
-const ADMIN_TOKEN: &str = "admin-test-token";
-const SCIM_TOKEN: &str = "scim-test-token";
-const SERVICE_ID: &str = "svc-e2e-0123456789abcdef";
 const IMPOSTOR_ID: &str = "svc-impostor-fedcba9876543210";
-
-/// A hub and an agent running as processes, with their files in one temporary folder.
-struct Deployment {
-    dir: tempfile::TempDir,
-    admin_port: u16,
-    hub: ChildGuard,
-    agent: ChildGuard,
-}
-
-impl Deployment {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// `connect sync <app>` as a user runs it: exit code and stdout+stderr.
-    fn sync(&self, app: &str) -> (i32, String) {
-        let out = Command::new(connect_bin())
-            .args(["sync", app, "--config"])
-            .arg(self.path("hub.toml"))
-            .output()
-            .expect("run connect sync");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code().unwrap_or(-1), text)
-    }
-
-    fn logs(&self) -> String {
-        format!(
-            "--- hub ---\n{}\n--- agent ---\n{}",
-            self.hub.logs(),
-            self.agent.logs()
-        )
-    }
-
-    /// Waits until the hub's admin API lists an agent advertising `target`.
-    async fn wait_for_agent(&self, target: &str) {
-        let addr = format!("127.0.0.1:{}", self.admin_port).parse().unwrap();
-        let auth = format!("Bearer {ADMIN_TOKEN}");
-        let ok = wait_until(
-            "agent registered with the hub",
-            Duration::from_secs(30),
-            || {
-                let auth = auth.clone();
-                async move {
-                    let Ok(resp) = http_request(
-                        addr,
-                        "GET",
-                        "/api/services",
-                        &[("Authorization", &auth)],
-                        None,
-                    )
-                    .await
-                    else {
-                        return false;
-                    };
-                    let services: Value = serde_json::from_slice(&resp.body).unwrap_or(Value::Null);
-                    services.as_array().into_iter().flatten().any(|s| {
-                        s["agents"].as_array().into_iter().flatten().any(|a| {
-                            a["targets"]
-                                .as_array()
-                                .into_iter()
-                                .flatten()
-                                .any(|t| t == target)
-                        })
-                    })
-                }
-            },
-        )
-        .await;
-        if let Err(e) = ok {
-            panic!("{e}\n{}", self.logs());
-        }
-    }
-}
-
-struct AppSpec<'a> {
-    name: &'a str,
-    base_url: String,
-    target: &'a str,
-    token: &'a str,
-    deprovision: &'a str,
-    service: &'a str,
-}
-
-fn write_directory(path: &Path, directory: &Value) {
-    std::fs::write(path, serde_json::to_vec_pretty(directory).unwrap()).unwrap();
-}
-
-fn user(id: &str, user_name: &str, given: &str, family: &str) -> Value {
-    json!({
-        "id": id,
-        "userName": user_name,
-        "displayName": format!("{given} {family}"),
-        "name": { "givenName": given, "familyName": family },
-        "emails": [{ "value": user_name, "type": "work", "primary": true }],
-        "active": true
-    })
-}
-
-/// Twelve people: `staff` (with the nested group `ops`) is granted, u11 is granted directly,
-/// u12 is in no granted group.
-fn initial_directory() -> Value {
-    let mut users = Vec::new();
-    for i in 1..=12 {
-        users.push(user(
-            &format!("u{i:02}"),
-            &format!("person{i:02}@example.com"),
-            &format!("Given{i:02}"),
-            &format!("Family{i:02}"),
-        ));
-    }
-    let staff: Vec<Value> = (1..=8)
-        .map(|i| json!({ "value": format!("u{i:02}"), "type": "User" }))
-        .chain([json!({ "value": "g-ops", "type": "Group" })])
-        .collect();
-    json!({
-        "users": users,
-        "groups": [
-            { "id": "g-staff", "displayName": "staff", "members": staff },
-            { "id": "g-ops", "displayName": "ops", "members": [
-                { "value": "u09", "type": "User" }, { "value": "u10", "type": "User" } ] },
-            { "id": "g-visitors", "displayName": "visitors", "members": [
-                { "value": "u12", "type": "User" } ] }
-        ]
-    })
-}
-
-/// Starts hub and agent processes. `targets` are the agent's declared targets.
-async fn deploy(apps: &[AppSpec<'_>], targets: &[(&str, String)], directory: &Value) -> Deployment {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("e2e test CA").unwrap();
-    let leaf = ca.issue(&["localhost", "127.0.0.1"]).unwrap();
-    let (cert, key) = write_pem_files(dir.path(), "hub", &leaf).unwrap();
-    std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
-    write_directory(&dir.path().join("directory.json"), directory);
-
-    let hub_port = free_port();
-    let admin_port = free_port();
-    let mut toml = format!(
-        "listen = \"127.0.0.1:{hub_port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nstate_dir = \"state\"\ndirectory = \"directory.json\"\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken = \"{ADMIN_TOKEN}\"\n\n[[services]]\nname = \"onprem\"\nservice_id = \"{SERVICE_ID}\"\n\n[[services]]\nname = \"idle\"\nservice_id = \"svc-with-no-agent-000000\"\n\n",
-        cert.display(),
-        key.display()
-    );
-    for app in apps {
-        toml.push_str(&format!(
-            "[apps.{}]\nbase_url = \"{}\"\nservice = \"{}\"\ntarget = \"{}\"\nauth = \"bearer\"\ntoken = \"{}\"\ndeprovision = \"{}\"\ngrant_groups = [\"staff\"]\ngrant_users = [\"u11\"]\n\n",
-            app.name, app.base_url, app.service, app.target, app.token, app.deprovision
-        ));
-    }
-    std::fs::write(dir.path().join("hub.toml"), toml).unwrap();
-
-    let mut ini = format!(
-        "# agent under test\nservice_id = {SERVICE_ID}\nstate_dir = agent-state\nhub = wss://localhost:{hub_port}/v1/connect\nhub_ca = ca.pem\n"
-    );
-    for (name, addr) in targets {
-        ini.push_str(&format!("\n[target.{name}]\naddr = {addr}\n"));
-    }
-    std::fs::write(dir.path().join("config.ini"), ini).unwrap();
-
-    let mut hub_cmd = Command::new(connect_bin());
-    hub_cmd
-        .args(["hub", "--config"])
-        .arg(dir.path().join("hub.toml"))
-        .env("RUST_LOG", "info");
-    let hub = ChildGuard::spawn("hub", hub_cmd).expect("start connect hub");
-    let mut agent_cmd = Command::new(connect_bin());
-    agent_cmd
-        .args(["run", "--config"])
-        .arg(dir.path().join("config.ini"))
-        .env("RUST_LOG", "info");
-    let agent = ChildGuard::spawn("agent", agent_cmd).expect("start connect run");
-    Deployment {
-        dir,
-        admin_port,
-        hub,
-        agent,
-    }
-}
 
 /// All users of a scim2-server, by externalId (unmanaged users without one under their userName).
 async fn users_of(server: &Scim2Server) -> std::collections::BTreeMap<String, Value> {
@@ -244,31 +62,26 @@ async fn provisions_updates_and_deprovisions_through_the_tunnel() {
     )
     .await;
 
-    let apps = [
-        AppSpec {
-            name: "crm",
-            // The base URL names a host the agent's VM would know; the agent connects to the
-            // target's address, never to this host.
-            base_url: format!("http://crm.internal.example:{}/v2", crm.port),
-            target: "crm-scim",
-            token: SCIM_TOKEN,
-            deprovision: "delete",
-            service: "onprem",
-        },
-        AppSpec {
-            name: "wiki",
-            base_url: format!("http://wiki.internal.example:{}/v2", wiki.port),
-            target: "wiki-scim",
-            token: SCIM_TOKEN,
-            deprovision: "deactivate",
-            service: "onprem",
-        },
+    // The base URLs name hosts the agent's VM would know; the agent connects to the target's
+    // address, never to these hosts.
+    let apps = vec![
+        App::new(
+            "crm",
+            &format!("http://crm.internal.example:{}/v2", crm.port),
+            "crm-scim",
+        ),
+        App::new(
+            "wiki",
+            &format!("http://wiki.internal.example:{}/v2", wiki.port),
+            "wiki-scim",
+        )
+        .deprovision("deactivate"),
     ];
-    let targets = [
-        ("crm-scim", format!("127.0.0.1:{}", crm.port)),
-        ("wiki-scim", format!("127.0.0.1:{}", wiki.port)),
+    let targets = vec![
+        Target::new("crm-scim", format!("127.0.0.1:{}", crm.port)),
+        Target::new("wiki-scim", format!("127.0.0.1:{}", wiki.port)),
     ];
-    let deployment = deploy(&apps, &targets, &initial_directory()).await;
+    let deployment = deploy(DeploySpec::new(apps, targets)).await;
     deployment.wait_for_agent("wiki-scim").await;
 
     for app in ["crm", "wiki"] {
@@ -300,7 +113,7 @@ async fn provisions_updates_and_deprovisions_through_the_tunnel() {
     assert!(out.contains("unchanged 11"), "{out}");
 
     // Rename u01, take u02 out of staff, add u13 to staff.
-    let mut directory = initial_directory();
+    let mut directory = sample_directory();
     directory["users"][0]["name"]["familyName"] = json!("Renamed");
     directory["users"][0]["displayName"] = json!("Given01 Renamed");
     directory["users"].as_array_mut().unwrap().push(user(
@@ -347,61 +160,20 @@ async fn sync_failures_name_the_actionable_cause() {
     let server = Scim2Server::start(Some(SCIM_TOKEN)).await;
     let closed_port = free_port();
     let base = format!("http://app.internal.example:{}/v2", server.port);
-    let apps = [
-        AppSpec {
-            name: "ok",
-            base_url: base.clone(),
-            target: "scim",
-            token: SCIM_TOKEN,
-            deprovision: "delete",
-            service: "onprem",
-        },
-        AppSpec {
-            name: "badtoken",
-            base_url: base.clone(),
-            target: "scim",
-            token: "wrong-token",
-            deprovision: "delete",
-            service: "onprem",
-        },
-        AppSpec {
-            name: "badpath",
-            base_url: format!("http://app.internal.example:{}/nope/v2", server.port),
-            target: "scim",
-            token: SCIM_TOKEN,
-            deprovision: "delete",
-            service: "onprem",
-        },
-        AppSpec {
-            name: "closed",
-            base_url: base.clone(),
-            target: "closed",
-            token: SCIM_TOKEN,
-            deprovision: "delete",
-            service: "onprem",
-        },
-        AppSpec {
-            name: "undeclared",
-            base_url: base.clone(),
-            target: "not-declared",
-            token: SCIM_TOKEN,
-            deprovision: "delete",
-            service: "onprem",
-        },
-        AppSpec {
-            name: "noagent",
-            base_url: base.clone(),
-            target: "scim",
-            token: SCIM_TOKEN,
-            deprovision: "delete",
-            service: "idle",
-        },
+    let bad_path = format!("http://app.internal.example:{}/nope/v2", server.port);
+    let apps = vec![
+        App::new("ok", &base, "scim"),
+        App::new("badtoken", &base, "scim").token("wrong-token"),
+        App::new("badpath", &bad_path, "scim"),
+        App::new("closed", &base, "closed"),
+        App::new("undeclared", &base, "not-declared"),
+        App::new("noagent", &base, "scim").service("idle"),
     ];
-    let targets = [
-        ("scim", format!("127.0.0.1:{}", server.port)),
-        ("closed", format!("127.0.0.1:{closed_port}")),
+    let targets = vec![
+        Target::new("scim", format!("127.0.0.1:{}", server.port)),
+        Target::new("closed", format!("127.0.0.1:{closed_port}")),
     ];
-    let deployment = deploy(&apps, &targets, &initial_directory()).await;
+    let deployment = deploy(DeploySpec::new(apps, targets)).await;
     deployment.wait_for_agent("scim").await;
 
     let (code, out) = deployment.sync("ok");
@@ -592,4 +364,63 @@ async fn sync_failures_name_the_actionable_cause() {
     ] {
         assert!(!logs.contains(secret), "secret `{secret}` in logs:\n{logs}");
     }
+}
+
+#[tokio::test]
+async fn scheduled_runs_follow_the_interval_and_the_agent_outlives_a_hub_restart() {
+    let crm = Scim2Server::start(Some(SCIM_TOKEN)).await;
+    let apps = vec![App::new(
+        "crm",
+        &format!("http://crm.internal.example:{}/v2", crm.port),
+        "crm-scim",
+    )
+    .with("interval = \"2s\"")];
+    let targets = vec![Target::new("crm-scim", format!("127.0.0.1:{}", crm.port))];
+    let mut deployment = deploy(DeploySpec::new(apps, targets)).await;
+    deployment.wait_for_agent("crm-scim").await;
+    let (code, out) = deployment.sync("crm");
+    assert_eq!(code, 0, "{out}\n{}", deployment.logs());
+    assert!(out.contains("created 11"), "{out}");
+
+    // Nobody forces the next run: the schedule picks the change up within the interval.
+    let mut directory = sample_directory();
+    directory["users"][0]["name"]["familyName"] = json!("Scheduled");
+    write_directory(&deployment.path("directory.json"), &directory);
+    let renamed = wait_until(
+        "the scheduled run to rename u01",
+        Duration::from_secs(20),
+        || async {
+            let users = users_of(&crm).await;
+            users["u01"]["name"]["familyName"] == "Scheduled"
+        },
+    )
+    .await;
+    if let Err(e) = renamed {
+        panic!("{e}\n{}", deployment.logs());
+    }
+
+    // The hub goes away and comes back on the same address: the agent finds it by itself.
+    let old_hub_logs = deployment.restart_hub();
+    let back = std::time::Instant::now();
+    deployment.wait_for_agent("crm-scim").await;
+    let reconnect = back.elapsed();
+    eprintln!("agent re-registered {reconnect:?} after the hub was started again");
+    assert!(
+        reconnect < Duration::from_secs(10),
+        "reconnect took {reconnect:?}\n{old_hub_logs}\n{}",
+        deployment.logs()
+    );
+    assert!(
+        deployment.agent().is_running(),
+        "the agent survives a hub restart"
+    );
+
+    // The hub's state survived too: nothing to do, and nothing duplicated.
+    let (code, out) = deployment.sync("crm");
+    assert_eq!(code, 0, "{out}\n{}", deployment.logs());
+    assert!(
+        out.contains("created 0, updated 0, deprovisioned 0"),
+        "{out}"
+    );
+    assert_eq!(users_of(&crm).await.len(), 11);
 }

@@ -8,6 +8,8 @@
 // Each test crate includes this module and uses only part of it.
 #![allow(dead_code)]
 
+pub mod deploy;
+
 use std::fmt::Write as _;
 use std::fs::File;
 use std::future::Future;
