@@ -14,12 +14,20 @@ use serde_json::{json, Value};
 async fn scimmy_provisions_updates_and_deprovisions_through_the_tunnel() {
     let (crm, wiki) = scenarios::provisions_updates_and_deprovisions::<ScimmyServer>().await;
     // The habits that set scimmy apart were exercised: PATCH answered 200 with the resource
-    // (scim2-server: 204, empty), POST answered without a Location header.
+    // (scim2-server: 204, empty), pages whose itemsPerPage echoes the count asked for, POST
+    // answered without a Location header.
     let patched = wiki
         .logs()
         .lines()
         .any(|l| l.starts_with("PATCH /scim/v2/Users/") && l.ends_with(" 200"));
     assert!(patched, "{}", wiki.logs());
+    // wiki lists in pages of 5: the engine walked past the first page.
+    assert!(
+        wiki.logs()
+            .contains("GET /scim/v2/Users?startIndex=11&count=5 200"),
+        "{}",
+        wiki.logs()
+    );
     let created = crm
         .request(
             "POST",

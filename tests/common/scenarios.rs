@@ -53,7 +53,7 @@ pub fn assert_user(u: &Value, i: u32, family: &str) {
 }
 
 /// Two applications on two servers of kind `S` (`crm` deprovisions by DELETE, `wiki` by
-/// `active=false`): the first run creates the 11 granted users and leaves a pre-existing
+/// `active=false` and lists in pages of 5): the first run creates the 11 granted users and leaves a pre-existing
 /// unmanaged user alone, a second run changes nothing, and after a rename, a revoked grant and a
 /// new grant each application has exactly the directory's state. Returns the two servers
 /// (`crm`, `wiki`) for checks specific to their kind.
@@ -69,12 +69,15 @@ pub async fn provisions_updates_and_deprovisions<S: ScimPeer>() -> (S, S) {
 
     let apps = vec![
         App::new("crm", &crm.app_base_url("crm.internal.example"), "crm-scim"),
+        // Small pages: listing 11 to 13 users takes several, and the servers page differently
+        // (scimmy's itemsPerPage echoes the requested count, scim2-server's counts the page).
         App::new(
             "wiki",
             &wiki.app_base_url("wiki.internal.example"),
             "wiki-scim",
         )
-        .deprovision("deactivate"),
+        .deprovision("deactivate")
+        .with("page_size = 5"),
     ];
     let targets = vec![
         Target::new("crm-scim", crm.addr().to_string()),
