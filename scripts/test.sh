@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's one test command, used by developers and by CI (.ci/run).
 # Installs the real test peers it needs when they are missing (scim2-server & co. into .venv,
-# tinyproxy from Debian), then runs fmt, clippy and the whole test suite. Safe to re-run: the
-# installs are skipped once done, so a second run costs only the cargo steps.
+# tinyproxy from Debian, scimmy from npm into tests/scimmy), then runs fmt, clippy and the whole
+# test suite. Safe to re-run: the installs are skipped once done, so a second run costs only the
+# cargo steps.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -55,6 +56,26 @@ else
   step "apt-get install tinyproxy"
   as_root apt-get update
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y tinyproxy
+fi
+
+# --- scimmy (npm) for the second SCIM server: an express app in tests/scimmy ----------------
+# Node from Debian when missing; the packages from the committed lock with `npm ci`. A stamp
+# holding the lock's hash makes the install free while the lock is unchanged.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  step "apt-get install nodejs npm"
+  as_root apt-get update
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y nodejs npm
+fi
+SCIMMY_DIR=$ROOT/tests/scimmy
+SCIMMY_STAMP=$SCIMMY_DIR/node_modules/.scim-connect-lock
+SCIMMY_WANT=$(sha256sum "$SCIMMY_DIR/package-lock.json" | cut -d' ' -f1)
+if [ -d "$SCIMMY_DIR/node_modules/scimmy-routers" ] &&
+  [ "$(cat "$SCIMMY_STAMP" 2>/dev/null)" = "$SCIMMY_WANT" ]; then
+  step "scimmy present in tests/scimmy/node_modules (node $(node --version))"
+else
+  step "npm ci in tests/scimmy (scimmy, scimmy-routers, express 4)"
+  (cd "$SCIMMY_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+  printf '%s' "$SCIMMY_WANT" > "$SCIMMY_STAMP"
 fi
 
 export SCIM2_SERVER_BIN=$VENV/bin/scim2-server

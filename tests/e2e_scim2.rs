@@ -1,7 +1,8 @@
 //! End to end, as an administrator deploys it: `connect hub` and `connect run` started as
 //! separate processes of the built binary, a real scim2-server (PyPI) as the application, and
 //! `connect sync` forcing runs. What ends up in the application is read back through
-//! scim2-server's own API.
+//! scim2-server's own API. The provisioning scenario itself lives in `common::scenarios` and runs
+//! against scimmy too (tests/e2e_interop.rs).
 
 mod common;
 
@@ -9,150 +10,18 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::deploy::{
-    deploy, sample_directory, user, write_directory, App, DeploySpec, Target, ADMIN_TOKEN,
-    SCIM_TOKEN, SERVICE_ID,
+    deploy, sample_directory, write_directory, App, DeploySpec, Target, ADMIN_TOKEN, SCIM_TOKEN,
+    SERVICE_ID,
 };
+use common::scenarios::{self, users_of};
 use common::{connect_bin, free_port, http_request, wait_until, ChildGuard, Scim2Server};
 use serde_json::{json, Value};
 
 const IMPOSTOR_ID: &str = "svc-impostor-fedcba9876543210";
 
-/// All users of a scim2-server, by externalId (unmanaged users without one under their userName).
-async fn users_of(server: &Scim2Server) -> std::collections::BTreeMap<String, Value> {
-    let list = server.get_json("/Users?count=1000").await;
-    assert!(
-        list["totalResults"].as_u64().unwrap() <= 1000,
-        "test expects a single page"
-    );
-    list["Resources"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|u| {
-            let key = u["externalId"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("unmanaged:{}", u["userName"].as_str().unwrap()));
-            (key, u)
-        })
-        .collect()
-}
-
-fn assert_user(u: &Value, i: u32, family: &str) {
-    assert_eq!(u["userName"], format!("person{i:02}@example.com"), "{u}");
-    assert_eq!(u["name"]["givenName"], format!("Given{i:02}"), "{u}");
-    assert_eq!(u["name"]["familyName"], family, "{u}");
-    assert_eq!(
-        u["emails"][0]["value"],
-        format!("person{i:02}@example.com"),
-        "{u}"
-    );
-    assert_eq!(u["active"], true, "{u}");
-}
-
 #[tokio::test]
 async fn provisions_updates_and_deprovisions_through_the_tunnel() {
-    let crm = Scim2Server::start(Some(SCIM_TOKEN)).await;
-    let wiki = Scim2Server::start(Some(SCIM_TOKEN)).await;
-    // A user that existed before the hub: it matches nobody and must never be touched.
-    crm.post_json(
-        "/Users",
-        &json!({ "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "legacy-admin" }),
-    )
-    .await;
-
-    // The base URLs name hosts the agent's VM would know; the agent connects to the target's
-    // address, never to these hosts.
-    let apps = vec![
-        App::new(
-            "crm",
-            &format!("http://crm.internal.example:{}/v2", crm.port),
-            "crm-scim",
-        ),
-        App::new(
-            "wiki",
-            &format!("http://wiki.internal.example:{}/v2", wiki.port),
-            "wiki-scim",
-        )
-        .deprovision("deactivate"),
-    ];
-    let targets = vec![
-        Target::new("crm-scim", format!("127.0.0.1:{}", crm.port)),
-        Target::new("wiki-scim", format!("127.0.0.1:{}", wiki.port)),
-    ];
-    let deployment = deploy(DeploySpec::new(apps, targets)).await;
-    deployment.wait_for_agent("wiki-scim").await;
-
-    for app in ["crm", "wiki"] {
-        let (code, out) = deployment.sync(app);
-        assert_eq!(code, 0, "{out}\n{}", deployment.logs());
-        assert!(out.contains("created 11"), "{out}");
-    }
-    for server in [&crm, &wiki] {
-        let users = users_of(server).await;
-        let managed: Vec<&String> = users
-            .keys()
-            .filter(|k| !k.starts_with("unmanaged:"))
-            .collect();
-        assert_eq!(managed.len(), 11, "{users:?}");
-        for i in 1..=11 {
-            assert_user(&users[&format!("u{i:02}")], i, &format!("Family{i:02}"));
-        }
-        assert!(!users.contains_key("u12"), "u12 is not granted");
-    }
-    assert!(users_of(&crm).await.contains_key("unmanaged:legacy-admin"));
-
-    // A second run with nothing changed changes nothing.
-    let (code, out) = deployment.sync("crm");
-    assert_eq!(code, 0, "{out}");
-    assert!(
-        out.contains("created 0, updated 0, deprovisioned 0"),
-        "{out}"
-    );
-    assert!(out.contains("unchanged 11"), "{out}");
-
-    // Rename u01, take u02 out of staff, add u13 to staff.
-    let mut directory = sample_directory();
-    directory["users"][0]["name"]["familyName"] = json!("Renamed");
-    directory["users"][0]["displayName"] = json!("Given01 Renamed");
-    directory["users"].as_array_mut().unwrap().push(user(
-        "u13",
-        "person13@example.com",
-        "Given13",
-        "Family13",
-    ));
-    let staff = directory["groups"][0]["members"].as_array_mut().unwrap();
-    staff.retain(|m| m["value"] != "u02");
-    staff.push(json!({ "value": "u13", "type": "User" }));
-    write_directory(&deployment.path("directory.json"), &directory);
-
-    for app in ["crm", "wiki"] {
-        let (code, out) = deployment.sync(app);
-        assert_eq!(code, 0, "{out}\n{}", deployment.logs());
-        assert!(
-            out.contains("created 1, updated 1, deprovisioned 1"),
-            "{app}: {out}"
-        );
-    }
-    let crm_users = users_of(&crm).await;
-    assert_user(&crm_users["u01"], 1, "Renamed");
-    assert_eq!(crm_users["u01"]["displayName"], "Given01 Renamed");
-    assert!(!crm_users.contains_key("u02"), "delete mode removes u02");
-    assert_user(&crm_users["u13"], 13, "Family13");
-    assert!(
-        crm_users.contains_key("unmanaged:legacy-admin"),
-        "unmanaged user left alone"
-    );
-    assert_eq!(crm_users.len(), 12);
-
-    let wiki_users = users_of(&wiki).await;
-    assert_eq!(
-        wiki_users["u02"]["active"], false,
-        "deactivate mode keeps u02, inactive"
-    );
-    assert_user(&wiki_users["u01"], 1, "Renamed");
-    assert_user(&wiki_users["u13"], 13, "Family13");
+    scenarios::provisions_updates_and_deprovisions::<Scim2Server>().await;
 }
 
 #[tokio::test]

@@ -414,6 +414,13 @@ impl Deployment {
         .unwrap_or_else(|e| panic!("admin API {method} {path}: {e}\n{}", self.logs()))
     }
 
+    /// The admin API's SCIM pass-through of `app`, as a SCIM base URL: requests under it go
+    /// through the tunnel to the app's server, with the app's own credentials added; callers
+    /// authenticate with the admin token.
+    pub fn pass_through_url(&self, app: &str) -> String {
+        format!("http://{}/api/apps/{app}/scim", self.admin_addr())
+    }
+
     /// The connected agents (session ids) of `service` that advertise `target`, as the admin
     /// API lists them; empty when the hub does not answer.
     pub async fn agents_with_target(&self, service: &str, target: &str) -> Vec<u64> {

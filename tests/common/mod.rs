@@ -1,6 +1,7 @@
 //! The shared integration-test harness: free loopback ports, child processes that are always
 //! stopped and whose output can be shown when a test fails, condition polling instead of sleeps,
-//! a tiny HTTP/1.1 client, and a real `scim2-server` (PyPI) as a SCIM target.
+//! a tiny HTTP/1.1 client, and real SCIM servers nobody here wrote as targets: `scim2-server`
+//! (PyPI) here, `scimmy` (npm) in [`peers`], both behind the [`ScimPeer`] trait.
 //!
 //! It must never bind or dial anything but 127.0.0.1, never leave a child running after its guard
 //! is dropped, and never wait a fixed time where a condition can be polled.
@@ -8,7 +9,14 @@
 // Each test crate includes this module and uses only part of it.
 #![allow(dead_code)]
 
+pub mod conformance;
 pub mod deploy;
+pub mod peers;
+pub mod scenarios;
+
+// Not every test crate uses both.
+#[allow(unused_imports)]
+pub use peers::{ScimPeer, ScimmyServer};
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -313,7 +321,7 @@ pub async fn http_request(
             .read_to_end(&mut raw)
             .await
             .map_err(|e| format!("read answer to {method} {path_and_query} from {addr}: {e}"))?;
-        parse_response(&raw)
+        parse_response(&raw, method.eq_ignore_ascii_case("HEAD"))
             .map_err(|e| format!("answer to {method} {path_and_query} from {addr}: {e}"))
     };
     tokio::time::timeout(HTTP_TIMEOUT, exchange)
@@ -323,12 +331,16 @@ pub async fn http_request(
         })?
 }
 
-fn parse_response(raw: &[u8]) -> Result<HttpResponse, String> {
+/// Parses one raw HTTP/1.x answer. `head_request` says the request was HEAD, whose answer has no body
+/// whatever its Content-Length says (RFC 9110 §9.3.2); so do 1xx, 204 and 304 answers.
+fn parse_response(raw: &[u8], head_request: bool) -> Result<HttpResponse, String> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .ok_or_else(|| format!("no end of headers in {:?}", String::from_utf8_lossy(raw)))?;
-    let head = std::str::from_utf8(&raw[..split]).map_err(|e| format!("headers not UTF-8: {e}"))?;
+    // Lossy: a server may echo raw bytes of a request path in a header (scim2-server does in
+    // `Location`); the harness must still read the answer.
+    let head = String::from_utf8_lossy(&raw[..split]);
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
     let status = status_line
@@ -344,7 +356,10 @@ fn parse_response(raw: &[u8]) -> Result<HttpResponse, String> {
     let chunked = headers
         .iter()
         .any(|(n, v)| n == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
-    let body = if chunked {
+    let bodiless = head_request || status < 200 || status == 204 || status == 304;
+    let body = if bodiless {
+        Vec::new()
+    } else if chunked {
         dechunk(rest)?
     } else if let Some((_, len)) = headers.iter().find(|(n, _)| n == "content-length") {
         let len: usize = len
@@ -400,6 +415,62 @@ pub fn scim2_server_bin() -> PathBuf {
     }
 }
 
+/// How the harness itself talks to a SCIM server it started: its address, the path of its SCIM
+/// root and its bearer token.
+#[derive(Debug, Clone)]
+pub struct ScimEndpoint {
+    pub addr: SocketAddr,
+    /// e.g. `/v2`.
+    pub base_path: &'static str,
+    pub bearer_token: Option<String>,
+}
+
+impl ScimEndpoint {
+    /// Sends one request to `<base_path><path_and_query>` with the bearer token (if any) and a
+    /// SCIM JSON body (if any). Does not check the status.
+    pub async fn request(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<HttpResponse, String> {
+        let path = format!("{}{path_and_query}", self.base_path);
+        let auth = self
+            .bearer_token
+            .as_ref()
+            .map(|token| format!("Bearer {token}"));
+        let mut headers = vec![("Accept", "application/scim+json")];
+        if let Some(auth) = &auth {
+            headers.push(("Authorization", auth.as_str()));
+        }
+        let encoded = body.map(|b| serde_json::to_vec(b).expect("serialize a JSON value"));
+        if encoded.is_some() {
+            headers.push(("Content-Type", "application/scim+json"));
+        }
+        http_request(self.addr, method, &path, &headers, encoded.as_deref()).await
+    }
+
+    /// [`ScimEndpoint::request`], asserting the answer's `status`; returns its body as JSON.
+    pub async fn expect_json(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: Option<&serde_json::Value>,
+        status: u16,
+    ) -> Result<serde_json::Value, String> {
+        let response = self.request(method, path_and_query, body).await?;
+        let url = format!("http://{}{}{path_and_query}", self.addr, self.base_path);
+        if response.status != status {
+            return Err(format!(
+                "{method} {url} answered {} (expected {status}): {}",
+                response.status,
+                response.text()
+            ));
+        }
+        response.json().map_err(|e| format!("{method} {url}: {e}"))
+    }
+}
+
 /// A running `scim2-server` (PyPI) on 127.0.0.1, in-memory and empty when started; stopped when
 /// dropped.
 pub struct Scim2Server {
@@ -412,31 +483,22 @@ pub struct Scim2Server {
 }
 
 impl Scim2Server {
+    /// Path of the SCIM root.
+    pub const BASE_PATH: &'static str = "/v2";
+
     /// Starts a server, with `--bearer-token` when `bearer_token` is given, and waits until
     /// `GET /v2/ServiceProviderConfig` answers 200. Panics (with the server's output) when it
     /// cannot be started.
     pub async fn start(bearer_token: Option<&str>) -> Scim2Server {
-        const ATTEMPTS: usize = 3;
-        let mut failures = Vec::new();
-        for _ in 0..ATTEMPTS {
-            let port = free_port();
-            match launch(port, bearer_token).await {
-                Ok(guard) => {
-                    return Scim2Server {
-                        port,
-                        base_url: format!("http://127.0.0.1:{port}/v2"),
-                        bearer_token: bearer_token.map(str::to_owned),
-                        guard,
-                    }
-                }
-                // Most likely another process took the port between free_port() and bind.
-                Err(failure) => failures.push(failure),
-            }
+        let (port, guard) = start_on_free_port("scim2-server", |port| launch(port, bearer_token))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        Scim2Server {
+            port,
+            base_url: format!("http://127.0.0.1:{port}{}", Self::BASE_PATH),
+            bearer_token: bearer_token.map(str::to_owned),
+            guard,
         }
-        panic!(
-            "scim2-server did not start in {ATTEMPTS} attempts:\n{}",
-            failures.join("\n")
-        );
     }
 
     /// Stops the server and starts a fresh one on the same port with the same token: all
@@ -464,6 +526,15 @@ impl Scim2Server {
         self.guard.logs()
     }
 
+    /// The harness's own way in.
+    pub fn endpoint(&self) -> ScimEndpoint {
+        ScimEndpoint {
+            addr: self.addr(),
+            base_path: Self::BASE_PATH,
+            bearer_token: self.bearer_token.clone(),
+        }
+    }
+
     /// Sends one request to `/v2<path_and_query>` with the server's bearer token (if any) and a
     /// SCIM JSON body (if any). Does not check the status.
     pub async fn request(
@@ -472,58 +543,96 @@ impl Scim2Server {
         path_and_query: &str,
         body: Option<&serde_json::Value>,
     ) -> HttpResponse {
-        let path = format!("/v2{path_and_query}");
-        let auth = self
-            .bearer_token
-            .as_ref()
-            .map(|token| format!("Bearer {token}"));
-        let mut headers = vec![("Accept", "application/scim+json")];
-        if let Some(auth) = &auth {
-            headers.push(("Authorization", auth.as_str()));
-        }
-        let encoded = body.map(|b| serde_json::to_vec(b).expect("serialize a JSON value"));
-        if encoded.is_some() {
-            headers.push(("Content-Type", "application/scim+json"));
-        }
-        http_request(self.addr(), method, &path, &headers, encoded.as_deref())
+        self.endpoint()
+            .request(method, path_and_query, body)
             .await
             .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()))
     }
 
     /// `GET /v2<path_and_query>` (e.g. `"/Users?count=1000"`), asserting 200, parsed as JSON.
     pub async fn get_json(&self, path_and_query: &str) -> serde_json::Value {
-        self.expect_json("GET", path_and_query, None, 200).await
+        self.endpoint()
+            .expect_json("GET", path_and_query, None, 200)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// `POST /v2<path>` with `body`, asserting 201 Created; returns the created resource.
     pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> serde_json::Value {
-        self.expect_json("POST", path, Some(body), 201).await
-    }
-
-    async fn expect_json(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&serde_json::Value>,
-        status: u16,
-    ) -> serde_json::Value {
-        let response = self.request(method, path, body).await;
-        assert_eq!(
-            response.status,
-            status,
-            "{method} {}{path} answered {}: {}",
-            self.base_url,
-            response.status,
-            response.text()
-        );
-        response
-            .json()
-            .unwrap_or_else(|e| panic!("{method} {}{path}: {e}", self.base_url))
+        self.endpoint()
+            .expect_json("POST", path, Some(body), 201)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
-/// Starts one scim2-server on `port` and waits until it is ready; on failure the child is
-/// stopped and its output returned in the error.
+/// Tries `launch` on up to three free ports: another process may take a port between
+/// [`free_port`] and the server's bind. Returns the port and the running child, or every
+/// attempt's failure.
+pub async fn start_on_free_port<F, Fut>(
+    what: &str,
+    mut launch: F,
+) -> Result<(u16, ChildGuard), String>
+where
+    F: FnMut(u16) -> Fut,
+    Fut: Future<Output = Result<ChildGuard, String>>,
+{
+    const ATTEMPTS: usize = 3;
+    let mut failures = Vec::new();
+    for _ in 0..ATTEMPTS {
+        let port = free_port();
+        match launch(port).await {
+            Ok(guard) => return Ok((port, guard)),
+            Err(failure) => failures.push(failure),
+        }
+    }
+    Err(format!(
+        "{what} did not start in {ATTEMPTS} attempts:\n{}",
+        failures.join("\n")
+    ))
+}
+
+/// Starts `cmd` as `label` and waits, for at most `timeout`, until `GET <ready_path>` on
+/// 127.0.0.1:`port` (with `headers`) answers 200. On failure the child is stopped and its output
+/// returned in the error.
+pub async fn spawn_until_ready(
+    label: &str,
+    cmd: Command,
+    port: u16,
+    ready_path: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<ChildGuard, String> {
+    let program = cmd.get_program().to_owned();
+    let mut guard = ChildGuard::spawn(label, cmd)
+        .map_err(|e| format!("could not run {}: {e}", Path::new(&program).display()))?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut exited = None;
+    let ready = wait_until(&format!("{label} to answer"), timeout, || {
+        exited = guard.try_status();
+        let done = exited.is_some();
+        async move {
+            if done {
+                return true;
+            }
+            matches!(
+                http_request(addr, "GET", ready_path, headers, None).await,
+                Ok(response) if response.status == 200
+            )
+        }
+    })
+    .await;
+    match (ready, exited) {
+        (Ok(()), None) => Ok(guard),
+        (Ok(()), Some(status)) => Err(format!("{label} exited ({status}):\n{}", guard.logs())),
+        (Err(e), _) => {
+            guard.stop();
+            Err(format!("{e}\n{}", guard.logs()))
+        }
+    }
+}
+
+/// Starts one scim2-server on `port` and waits until it is ready.
 async fn launch(port: u16, bearer_token: Option<&str>) -> Result<ChildGuard, String> {
     let bin = scim2_server_bin();
     assert!(
@@ -538,37 +647,14 @@ async fn launch(port: u16, bearer_token: Option<&str>) -> Result<ChildGuard, Str
     }
     // Python buffers stdout when it is a file; unbuffered output keeps logs() current.
     cmd.env("PYTHONUNBUFFERED", "1");
-    let mut guard = ChildGuard::spawn(&format!("scim2-server:{port}"), cmd)
-        .map_err(|e| format!("could not run {}: {e}", bin.display()))?;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut exited = None;
-    let ready = wait_until(
-        &format!("scim2-server on {addr} to answer"),
+    // ServiceProviderConfig needs no token on this server.
+    spawn_until_ready(
+        &format!("scim2-server:{port}"),
+        cmd,
+        port,
+        "/v2/ServiceProviderConfig",
+        &[],
         SCIM2_READY_TIMEOUT,
-        || {
-            exited = guard.try_status();
-            let done = exited.is_some();
-            async move {
-                if done {
-                    return true;
-                }
-                matches!(
-                    http_request(addr, "GET", "/v2/ServiceProviderConfig", &[], None).await,
-                    Ok(response) if response.status == 200
-                )
-            }
-        },
     )
-    .await;
-    match (ready, exited) {
-        (Ok(()), None) => Ok(guard),
-        (Ok(()), Some(status)) => Err(format!(
-            "scim2-server on port {port} exited ({status}):\n{}",
-            guard.logs()
-        )),
-        (Err(e), _) => {
-            guard.stop();
-            Err(format!("{e}\n{}", guard.logs()))
-        }
-    }
+    .await
 }

@@ -28,7 +28,9 @@ use super::tunnel_transport::TunnelTransport;
 use crate::config::hub::AppConfig;
 use crate::config::Secret;
 use crate::messages::hub::{ReconcilerMsg, RegistryMsg, RunSummary};
+use crate::scim::client::SCIM_CONTENT_TYPE;
 use crate::scim::error::ScimError;
+use crate::scim::resources::ScimErrorBody;
 use crate::scim::transport::{ScimRequest, Transport};
 use crate::store::Store;
 
@@ -300,9 +302,14 @@ async fn runs(
 
 /// Sends one SCIM request through the tunnel to the application's server and returns its answer
 /// unchanged: status, headers and body. Only the application's credentials are added.
+///
+/// The path is read from the request line and forwarded as the caller wrote it, percent-encoding
+/// included: decoding it (as axum's `Path` does) would turn `Users/a%2Fb` into another resource,
+/// `a%20b` into a request the agent refuses and `%FF` into a 400 of the hub's own. Methods the
+/// tunnel does not carry are answered here as a SCIM server answers a method it does not support
+/// (405 with `Allow`), not as a failed forward.
 async fn pass_through(
     State(state): State<ApiState>,
-    Path((app, path)): Path<(String, String)>,
     method: Method,
     uri: axum::http::Uri,
     headers: HeaderMap,
@@ -311,12 +318,16 @@ async fn pass_through(
     if !authorized(&state, &headers) {
         return unauthorized();
     }
+    let (app, path) = split_pass_through_path(uri.path());
     let Some(config) = state.apps.iter().find(|a| a.name == app) else {
         return error(
             StatusCode::NOT_FOUND,
             format!("no application `{app}` in hub.toml"),
         );
     };
+    if !is_scim_method(&method) {
+        return method_not_allowed(&method);
+    }
     let mut path_and_query = format!("{}/{}", config.base_url.path, path);
     if let Some(query) = uri.query() {
         path_and_query.push('?');
@@ -353,5 +364,85 @@ async fn pass_through(
                 .unwrap_or_else(|e| error(StatusCode::BAD_GATEWAY, e.to_string()))
         }
         Err(e) => error(StatusCode::BAD_GATEWAY, ScimError::Transport(e).diagnosis()),
+    }
+}
+
+/// The methods the tunnel carries (RFC 7644 §3.2); the agent refuses any other.
+fn is_scim_method(method: &Method) -> bool {
+    [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+    ]
+    .contains(method)
+}
+
+/// 405 with `Allow` and a SCIM error body, as a SCIM server answers a method it does not serve.
+fn method_not_allowed(method: &Method) -> Response {
+    let body = ScimErrorBody {
+        status: Some("405".into()),
+        scim_type: None,
+        detail: Some(format!(
+            "the SCIM pass-through does not carry {method}: use GET, POST, PUT, PATCH or DELETE"
+        )),
+    };
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        [
+            (axum::http::header::ALLOW, "GET, POST, PUT, PATCH, DELETE"),
+            (axum::http::header::CONTENT_TYPE, SCIM_CONTENT_TYPE),
+        ],
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+/// Splits `/api/apps/<app>/scim/<path>` (the route guarantees that shape) into the application
+/// name, percent-decoded, and the SCIM path after `scim/`, still encoded as received.
+fn split_pass_through_path(uri_path: &str) -> (String, &str) {
+    let (app, rest) = uri_path
+        .strip_prefix("/api/apps/")
+        .and_then(|rest| rest.split_once('/'))
+        .unwrap_or_default();
+    let app = percent_encoding::percent_decode_str(app)
+        .decode_utf8_lossy()
+        .into_owned();
+    (app, rest.strip_prefix("scim/").unwrap_or_default())
+}
+
+#[cfg(test)]
+mod pass_through_tests {
+    use super::*;
+
+    #[test]
+    fn the_path_keeps_its_percent_encoding() {
+        assert_eq!(
+            split_pass_through_path("/api/apps/crm/scim/Users/a%2Fb%20c%FF"),
+            ("crm".to_string(), "Users/a%2Fb%20c%FF")
+        );
+        assert_eq!(
+            split_pass_through_path("/api/apps/my%2Dapp/scim/Schemas/urn:x:y"),
+            ("my-app".to_string(), "Schemas/urn:x:y")
+        );
+    }
+
+    #[test]
+    fn methods_outside_scim_get_405_with_allow() {
+        for m in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
+            assert!(is_scim_method(&Method::from_bytes(m.as_bytes()).unwrap()));
+        }
+        let response = method_not_allowed(&Method::OPTIONS);
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(
+            response.headers()[axum::http::header::ALLOW],
+            "GET, POST, PUT, PATCH, DELETE"
+        );
+        assert_eq!(
+            response.headers()[axum::http::header::CONTENT_TYPE],
+            SCIM_CONTENT_TYPE
+        );
+        assert!(!is_scim_method(&Method::HEAD));
     }
 }
