@@ -9,6 +9,8 @@
 #![allow(dead_code)]
 
 pub mod deploy;
+pub mod tinyproxy;
+pub mod tls_front;
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -408,6 +410,8 @@ pub struct Scim2Server {
     /// `http://127.0.0.1:<port>/v2`.
     pub base_url: String,
     bearer_token: Option<String>,
+    /// Started with `--dynamic-tenants`.
+    tenants: bool,
     guard: ChildGuard,
 }
 
@@ -416,16 +420,34 @@ impl Scim2Server {
     /// `GET /v2/ServiceProviderConfig` answers 200. Panics (with the server's output) when it
     /// cannot be started.
     pub async fn start(bearer_token: Option<&str>) -> Scim2Server {
+        Self::start_with(bearer_token, false).await
+    }
+
+    /// Like [`Scim2Server::start`], with `--dynamic-tenants`: each first path segment is a
+    /// tenant of its own (`/<tenant>/v2`, see [`Scim2Server::tenant_path`]), so applications
+    /// sharing one server never see each other's resources. The `/v2` helpers below do not
+    /// apply to such a server.
+    pub async fn start_with_tenants(bearer_token: Option<&str>) -> Scim2Server {
+        Self::start_with(bearer_token, true).await
+    }
+
+    /// The SCIM root path of `tenant` on a server started with tenants: `/<tenant>/v2`.
+    pub fn tenant_path(tenant: &str) -> String {
+        format!("/{tenant}/v2")
+    }
+
+    async fn start_with(bearer_token: Option<&str>, tenants: bool) -> Scim2Server {
         const ATTEMPTS: usize = 3;
         let mut failures = Vec::new();
         for _ in 0..ATTEMPTS {
             let port = free_port();
-            match launch(port, bearer_token).await {
+            match launch(port, bearer_token, tenants).await {
                 Ok(guard) => {
                     return Scim2Server {
                         port,
                         base_url: format!("http://127.0.0.1:{port}/v2"),
                         bearer_token: bearer_token.map(str::to_owned),
+                        tenants,
                         guard,
                     }
                 }
@@ -444,7 +466,7 @@ impl Scim2Server {
     pub async fn restart(&mut self) {
         self.guard.stop();
         let token = self.bearer_token.clone();
-        self.guard = launch(self.port, token.as_deref())
+        self.guard = launch(self.port, token.as_deref(), self.tenants)
             .await
             .unwrap_or_else(|failure| panic!("scim2-server did not restart: {failure}"));
     }
@@ -522,9 +544,13 @@ impl Scim2Server {
     }
 }
 
-/// Starts one scim2-server on `port` and waits until it is ready; on failure the child is
-/// stopped and its output returned in the error.
-async fn launch(port: u16, bearer_token: Option<&str>) -> Result<ChildGuard, String> {
+/// Starts one scim2-server on `port` (with `--dynamic-tenants` when `tenants`) and waits until
+/// it is ready; on failure the child is stopped and its output returned in the error.
+async fn launch(
+    port: u16,
+    bearer_token: Option<&str>,
+    tenants: bool,
+) -> Result<ChildGuard, String> {
     let bin = scim2_server_bin();
     assert!(
         bin.exists(),
@@ -536,6 +562,17 @@ async fn launch(port: u16, bearer_token: Option<&str>) -> Result<ChildGuard, Str
     if let Some(token) = bearer_token {
         cmd.args(["--bearer-token", token]);
     }
+    if tenants {
+        cmd.arg("--dynamic-tenants");
+    }
+    let ready_path = if tenants {
+        format!(
+            "{}/ServiceProviderConfig",
+            Scim2Server::tenant_path("ready")
+        )
+    } else {
+        "/v2/ServiceProviderConfig".to_owned()
+    };
     // Python buffers stdout when it is a file; unbuffered output keeps logs() current.
     cmd.env("PYTHONUNBUFFERED", "1");
     let mut guard = ChildGuard::spawn(&format!("scim2-server:{port}"), cmd)
@@ -548,12 +585,13 @@ async fn launch(port: u16, bearer_token: Option<&str>) -> Result<ChildGuard, Str
         || {
             exited = guard.try_status();
             let done = exited.is_some();
+            let ready_path = ready_path.as_str();
             async move {
                 if done {
                     return true;
                 }
                 matches!(
-                    http_request(addr, "GET", "/v2/ServiceProviderConfig", &[], None).await,
+                    http_request(addr, "GET", ready_path, &[], None).await,
                     Ok(response) if response.status == 200
                 )
             }
