@@ -103,9 +103,7 @@ fn expected(case: &Case) -> Expect {
         Server::SelfSigned => {
             let mut fragments = vec!["TLS".to_string(), "self-signed certificate".to_string()];
             fragments.push(match (case.allow_skip, case.skip) {
-                (false, false) => format!(
-                    "declare the target with -insecure-allow-skip-tls-check and enable skip_tls_check on the application"
-                ),
+                (false, false) => "declare the target with -insecure-allow-skip-tls-check and enable skip_tls_check on the application".to_string(),
                 (true, false) => format!(
                     "target `{}` allows skipping certificate checks, but the application does not ask for it: enable skip_tls_check on the application",
                     case.target
