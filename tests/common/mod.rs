@@ -203,6 +203,16 @@ impl ChildGuard {
         Ok(status.expect("set when the wait succeeded"))
     }
 
+    /// What the child wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        read_lossy(&self.stdout_path)
+    }
+
+    /// What the child wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        read_lossy(&self.stderr_path)
+    }
+
     /// What the child printed so far: stdout, then stderr, each under a header.
     pub fn logs(&self) -> String {
         let mut out = String::new();
@@ -227,6 +237,12 @@ impl Drop for ChildGuard {
             eprintln!("{}", tail(&self.logs(), 200));
         }
     }
+}
+
+fn read_lossy(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_else(|e| format!("<could not read {}: {e}>", path.display()))
 }
 
 /// Keeps the last `lines` lines of `text`, saying how many were cut.
