@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's one test command, used by developers and by CI (.ci/run).
 # Installs the real test peers it needs when they are missing (scim2-server & co. into .venv,
-# tinyproxy from Debian), then runs fmt, clippy and the whole test suite. Safe to re-run: the
-# installs are skipped once done, so a second run costs only the cargo steps.
+# tinyproxy and systemd-analyze from Debian), then runs fmt, clippy and the whole test suite.
+# Safe to re-run: the installs are skipped once done, so a second run costs only the cargo steps.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -55,6 +55,15 @@ else
   step "apt-get install tinyproxy"
   as_root apt-get update
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y tinyproxy
+fi
+
+# --- systemd-analyze (Debian's systemd) to verify packaging/connect-agent.service -----------
+if command -v systemd-analyze >/dev/null 2>&1; then
+  step "systemd-analyze present ($(command -v systemd-analyze))"
+else
+  step "apt-get install systemd (for systemd-analyze verify)"
+  as_root apt-get update
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends systemd
 fi
 
 export SCIM2_SERVER_BIN=$VENV/bin/scim2-server
