@@ -87,6 +87,26 @@ async fn log_line(agent: &mut ChildGuard, needle: &str) -> String {
     found.unwrap()
 }
 
+/// Starts an agent (`label`, its own config file and state) with the top-level `lines` and
+/// returns it with its first "cannot connect to the hub" log line.
+async fn first_failure(
+    d: &Deployment,
+    scim: &Scim2Server,
+    label: &str,
+    lines: &[String],
+) -> (ChildGuard, String) {
+    let config = d.write_agent_config(
+        &format!("{label}.ini"),
+        SERVICE_ID,
+        &format!("{label}-state"),
+        &crm_target(scim),
+        lines,
+    );
+    let mut agent = d.spawn_agent_logging(label, &config, "debug");
+    let line = log_line(&mut agent, "cannot connect to the hub").await;
+    (agent, line)
+}
+
 #[tokio::test]
 async fn hub_through_tinyproxy_with_basic_auth_and_a_sync_works() {
     let scim = Scim2Server::start(Some(SCIM_TOKEN)).await;
@@ -132,18 +152,8 @@ async fn wrong_and_missing_credentials_are_named_in_one_line() {
     let proxy = TinyProxy::start(USER, PASSWORD, &[d.hub_port]).await;
     let proxy_url = format!("http://127.0.0.1:{}", proxy.port);
 
-    let wrong = d.write_agent_config(
-        "wrong.ini",
-        SERVICE_ID,
-        "wrong-state",
-        &crm_target(&scim),
-        &[format!(
-            "proxy = http://{USER}:wrong-pw@127.0.0.1:{}",
-            proxy.port
-        )],
-    );
-    let mut agent = d.spawn_agent_logging("agent-wrong-credentials", &wrong, "debug");
-    let line = log_line(&mut agent, "cannot connect to the hub").await;
+    let wrong = format!("proxy = http://{USER}:wrong-pw@127.0.0.1:{}", proxy.port);
+    let (agent, line) = first_failure(&d, &scim, "wrong-credentials", &[wrong]).await;
     assert!(
         line.contains(&format!(
             "the proxy {proxy_url} rejected the credentials in `proxy` for CONNECT localhost:{} (401 Unauthorized); check the user name and password",
@@ -153,15 +163,8 @@ async fn wrong_and_missing_credentials_are_named_in_one_line() {
     );
     assert_no_secret("the agent's log", &agent.logs());
 
-    let missing = d.write_agent_config(
-        "missing.ini",
-        SERVICE_ID,
-        "missing-state",
-        &crm_target(&scim),
-        &[format!("proxy = http://127.0.0.1:{}", proxy.port)],
-    );
-    let mut agent = d.spawn_agent_logging("agent-no-credentials", &missing, "debug");
-    let line = log_line(&mut agent, "cannot connect to the hub").await;
+    let missing = format!("proxy = http://127.0.0.1:{}", proxy.port);
+    let (_agent, line) = first_failure(&d, &scim, "no-credentials", &[missing]).await;
     assert!(
         line.contains(&format!(
             "the proxy {proxy_url} requires authentication for CONNECT localhost:{} (407 Proxy Authentication Required); write proxy = http://user:password@host:port",
@@ -223,15 +226,8 @@ async fn a_proxy_that_is_down_is_named() {
     let scim = Scim2Server::start(Some(SCIM_TOKEN)).await;
     let d = hub_with_crm(&scim).await;
     let port = free_port();
-    let config = d.write_agent_config(
-        "config.ini",
-        SERVICE_ID,
-        "agent-state",
-        &crm_target(&scim),
-        &[format!("proxy = http://{USER}:{PASSWORD}@127.0.0.1:{port}")],
-    );
-    let mut agent = d.spawn_agent_logging("agent", &config, "debug");
-    let line = log_line(&mut agent, "cannot connect to the hub").await;
+    let down = format!("proxy = http://{USER}:{PASSWORD}@127.0.0.1:{port}");
+    let (mut agent, line) = first_failure(&d, &scim, "proxy-down", &[down]).await;
     assert!(
         line.contains(&format!(
             "cannot reach the proxy http://127.0.0.1:{port}: Connection refused"
@@ -258,15 +254,8 @@ async fn https_proxy_trusted_through_proxy_ca() {
     let proxy_line = format!("proxy = https://{ENCODED}@localhost:{}", front.port());
 
     // Without the proxy's CA the agent says which certificate it could not trust.
-    let untrusted = d.write_agent_config(
-        "untrusted.ini",
-        SERVICE_ID,
-        "untrusted-state",
-        &crm_target(&scim),
-        std::slice::from_ref(&proxy_line),
-    );
-    let mut agent = d.spawn_agent_logging("agent-untrusted", &untrusted, "debug");
-    let line = log_line(&mut agent, "cannot connect to the hub").await;
+    let (mut agent, line) =
+        first_failure(&d, &scim, "untrusted", std::slice::from_ref(&proxy_line)).await;
     assert!(
         line.contains(&format!(
             "TLS handshake with the proxy https://localhost:{} failed",

@@ -343,6 +343,21 @@ mod tests {
 
     const T: Duration = Duration::from_secs(5);
 
+    /// The one-line error of a tunnel to `hub:port` through the proxy on `proxy_port`.
+    async fn refusal(
+        proxy_port: u16,
+        credentials: Option<(&str, &str)>,
+        port: u16,
+        timeout: Duration,
+    ) -> String {
+        Proxy::new(&config(credentials, proxy_port), None)
+            .connect("hub", port, timeout)
+            .await
+            .err()
+            .expect("the tunnel must not open")
+            .to_string()
+    }
+
     #[tokio::test]
     async fn connect_sends_basic_auth_and_tunnels_bytes_including_early_ones() {
         // The proxy's first tunnelled bytes arrive in the same packet as its answer.
@@ -396,13 +411,8 @@ mod tests {
             b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic\r\nContent-Length: 0\r\n\r\n".to_vec(),
         )
         .await;
+        let m = refusal(port, Some(("alice", "hunter2")), 443, T).await;
         let proxy = Proxy::new(&config(Some(("alice", "hunter2")), port), None);
-        let m = proxy
-            .connect("hub", 443, T)
-            .await
-            .err()
-            .unwrap()
-            .to_string();
         assert!(
             m.starts_with(&format!(
                 "the proxy http://127.0.0.1:{port} rejected the credentials"
@@ -419,12 +429,7 @@ mod tests {
 
         let (port, _) =
             fake_proxy(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n".to_vec()).await;
-        let m = Proxy::new(&config(None, port), None)
-            .connect("hub", 443, T)
-            .await
-            .err()
-            .unwrap()
-            .to_string();
+        let m = refusal(port, None, 443, T).await;
         assert!(
             m.contains("requires authentication")
                 && m.contains("write proxy = http://user:password@"),
@@ -432,12 +437,7 @@ mod tests {
         );
 
         let (port, _) = fake_proxy(b"HTTP/1.1 403 Access violation\r\n\r\n".to_vec()).await;
-        let m = Proxy::new(&config(None, port), None)
-            .connect("hub", 8443, T)
-            .await
-            .err()
-            .unwrap()
-            .to_string();
+        let m = refusal(port, None, 8443, T).await;
         assert!(
             m.contains("refused CONNECT hub:8443 (403 Forbidden)") && m.contains("port 8443"),
             "{m}"
@@ -470,12 +470,7 @@ mod tests {
             ),
         ] {
             let (port, _) = fake_proxy_with(answer, false).await;
-            let m = Proxy::new(&config(None, port), None)
-                .connect("hub", 443, T)
-                .await
-                .err()
-                .unwrap()
-                .to_string();
+            let m = refusal(port, None, 443, T).await;
             assert!(
                 m.contains(want) && m.contains(&format!("127.0.0.1:{port}")),
                 "{m}"
@@ -489,12 +484,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let m = Proxy::new(&config(None, port), None)
-            .connect("hub", 443, T)
-            .await
-            .err()
-            .unwrap()
-            .to_string();
+        let m = refusal(port, None, 443, T).await;
         assert!(
             m.starts_with(&format!("cannot reach the proxy http://127.0.0.1:{port}: ")),
             "{m}"
@@ -509,12 +499,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(30)).await;
             drop(s);
         });
-        let m = Proxy::new(&config(None, port), None)
-            .connect("hub", 443, Duration::from_millis(300))
-            .await
-            .err()
-            .unwrap()
-            .to_string();
+        let m = refusal(port, None, 443, Duration::from_millis(300)).await;
         assert!(m.contains("did not answer the CONNECT request"), "{m}");
     }
 }
