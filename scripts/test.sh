@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The project's one test command, used by developers and by CI (.ci/run).
 # Installs the real test peers it needs when they are missing (scim2-server & co. into .venv,
-# tinyproxy from Debian, scimmy from npm into tests/scimmy), then runs fmt, clippy and the whole
-# test suite. Safe to re-run: the installs are skipped once done, so a second run costs only the
-# cargo steps.
+# tinyproxy and systemd-analyze from Debian, scimmy from npm into tests/scimmy), then runs fmt,
+# clippy and the whole test suite. Safe to re-run: the installs are skipped once done, so a
+# second run costs only the cargo steps.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -76,6 +76,15 @@ else
   step "npm ci in tests/scimmy (scimmy, scimmy-routers, express 4)"
   (cd "$SCIMMY_DIR" && npm ci --no-audit --no-fund --loglevel=error)
   printf '%s' "$SCIMMY_WANT" > "$SCIMMY_STAMP"
+fi
+
+# --- systemd-analyze (Debian's systemd) to verify packaging/connect-agent.service -----------
+if command -v systemd-analyze >/dev/null 2>&1; then
+  step "systemd-analyze present ($(command -v systemd-analyze))"
+else
+  step "apt-get install systemd (for systemd-analyze verify)"
+  as_root apt-get update
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends systemd
 fi
 
 export SCIM2_SERVER_BIN=$VENV/bin/scim2-server

@@ -51,6 +51,9 @@ enum Command {
         /// Replace an existing target of the same name.
         #[arg(long = "override")]
         override_existing: bool,
+        /// PEM file of the CA that signed the target's certificate (trusted besides the system's).
+        #[arg(long = "ca", value_name = "PEM")]
+        ca: Option<PathBuf>,
         /// Agent configuration file.
         #[arg(long, default_value = "config.ini")]
         config: PathBuf,
@@ -87,6 +90,7 @@ fn normalise_args() -> Vec<String> {
         "-no-tls",
         "-insecure-allow-skip-tls-check",
         "-override",
+        "-ca",
         "-config",
     ];
     std::env::args()
@@ -116,6 +120,7 @@ fn main() -> ExitCode {
             no_tls,
             insecure_allow_skip_tls_check,
             override_existing,
+            ca,
             config,
         } => set_target(
             config,
@@ -131,6 +136,7 @@ fn main() -> ExitCode {
                 },
                 insecure_allow_skip_tls_check,
                 override_existing,
+                ca,
             },
         ),
         Command::Run { config } => runtime().block_on(run_agent(config)),

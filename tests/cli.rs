@@ -103,3 +103,62 @@ fn set_target_single_dash_flags_edit_config_ini() {
         assert_eq!(std::fs::read_to_string(&ini).unwrap(), replaced);
     }
 }
+
+#[test]
+fn set_target_ca_flag_checks_the_file_and_writes_its_absolute_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let ini = dir.path().join("config.ini");
+    std::fs::write(&ini, BASE).unwrap();
+    let ca = scim_connect::certs::TestCa::new("hr CA").unwrap();
+    std::fs::write(dir.path().join("hr-ca.pem"), ca.cert_pem()).unwrap();
+    std::fs::write(dir.path().join("not-a-ca.pem"), "hello\n").unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(connect_bin())
+            .current_dir(dir.path())
+            .args(args)
+            .output()
+            .expect("run connect");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // A relative -ca is taken from the current folder and written absolute.
+    let (code, err) = run(&[
+        "set-target",
+        "hr",
+        "hr.lan:443",
+        "-ca",
+        "hr-ca.pem",
+        "-config",
+        "config.ini",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(&ini).unwrap();
+    assert!(
+        text.ends_with(&format!(
+            "[target.hr]\naddr = hr.lan:443\nalways_tls = false\nno_tls = false\ninsecure_allow_skip_tls_check = false\nca = {}\n",
+            dir.path().join("hr-ca.pem").display()
+        )),
+        "{text}"
+    );
+
+    // A file that holds no certificate: one line, exit 2, config.ini untouched.
+    let (code, err) = run(&[
+        "set-target",
+        "hr2",
+        "hr.lan:443",
+        "-ca=not-a-ca.pem",
+        "-config",
+        "config.ini",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("CA file \"not-a-ca.pem\" is invalid")
+            && err.contains("holds no PEM certificate"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&ini).unwrap(), text);
+}

@@ -1,18 +1,24 @@
 //! The agent's `config.ini`: loading and validating it, and `connect set-target`'s
 //! comment-preserving edit of its `[target.<name>]` sections.
 //!
-//! Owns the meaning of every key in config.ini. It must never check `state_dir` or `hub_ca` on
-//! disk (the agent does that when it starts), never rewrite a line `set-target` was not asked to
-//! change, and never leave a half-written config.ini behind.
+//! Owns the meaning of every key in config.ini. It reads the PEM files the file names (`hub_ca`,
+//! `proxy_ca`, a target's `ca`) when loading, so that a missing or unusable one is reported with
+//! its line; it must never check `state_dir` on disk (the agent does that when it starts), never
+//! rewrite a line `set-target` was not asked to change, and never leave a half-written
+//! config.ini behind.
 //!
-//! Format: top-level `key = value` lines (`service_id`, `state_dir`, `proxy`, `hub`, `hub_ca`,
-//! `agent_name`), then `[target.<name>]` sections with `addr`, `always_tls`, `no_tls` and
-//! `insecure_allow_skip_tls_check`. `#` and `;` start comments, whole-line or trailing after a
+//! Format: top-level `key = value` lines (`service_id`, `state_dir`, `proxy`, `proxy_ca`, `hub`,
+//! `hub_ca`, `agent_name`), then `[target.<name>]` sections with `addr`, `always_tls`, `no_tls`,
+//! `insecure_allow_skip_tls_check` and `ca`. `#` and `;` start comments, whole-line or trailing after a
 //! space. Values may be double-quoted. Booleans: true/false, yes/no, 1/0. The secrets
 //! (`service_id`, `proxy`) may also be `env:NAME` or come from a sibling `<key>_file`.
 
 use std::collections::BTreeMap;
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
+
+use tokio_rustls::rustls::pki_types::CertificateDer;
+use tokio_rustls::rustls::RootCertStore;
 
 use super::ini::{self, LineKind};
 use super::netaddr::{parse_authority, split_scheme};
@@ -27,6 +33,7 @@ const TOP_KEYS: &[&str] = &[
     "state_dir",
     "proxy",
     "proxy_file",
+    "proxy_ca",
     "hub",
     "hub_ca",
     "agent_name",
@@ -38,6 +45,7 @@ const TARGET_KEYS: &[&str] = &[
     "always_tls",
     "no_tls",
     "insecure_allow_skip_tls_check",
+    "ca",
 ];
 
 /// Section name prefix of a target.
@@ -61,14 +69,27 @@ pub struct AgentConfig {
     pub hub_ca: Option<PathBuf>,
     /// HTTP CONNECT proxy on the way to the hub.
     pub proxy: Option<ProxyConfig>,
+    /// Extra PEM trust anchors for an `https://` proxy's own certificate.
+    pub proxy_ca: Option<PathBuf>,
     /// A name for this agent shown at the hub (e.g. the VM's host name).
     pub agent_name: Option<String>,
     /// Declared targets by name; the agent never dials anything else.
     pub targets: BTreeMap<String, TargetConfig>,
+    /// The line of each top-level key as written, for errors found after loading (e.g. a
+    /// `state_dir` the agent cannot write).
+    pub lines: BTreeMap<String, usize>,
 }
 
-/// An HTTP CONNECT proxy, from `proxy = http(s)://user:pass@host:port`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl AgentConfig {
+    /// The 1-based line a top-level key was written on, if it was.
+    pub fn line_of(&self, key: &str) -> Option<usize> {
+        self.lines.get(key).copied()
+    }
+}
+
+/// An HTTP CONNECT proxy, from `proxy = http(s)://user:pass@host:port`. `Debug` shows neither
+/// the user name nor the password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ProxyConfig {
     /// `https://` proxy: TLS to the proxy itself.
     pub scheme_https: bool,
@@ -82,6 +103,18 @@ pub struct ProxyConfig {
     pub password: Option<Secret>,
 }
 
+impl std::fmt::Debug for ProxyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyConfig")
+            .field("scheme_https", &self.scheme_https)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username.as_ref().map(|_| "***"))
+            .field("password", &self.password)
+            .finish()
+    }
+}
+
 /// One declared target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetConfig {
@@ -93,6 +126,10 @@ pub struct TargetConfig {
     pub tls: TlsMode,
     /// The hub may ask to skip certificate checks for this target.
     pub insecure_allow_skip_tls_check: bool,
+    /// The `ca` PEM file: trust anchors added to the system's for this target.
+    pub ca: Option<PathBuf>,
+    /// The certificates of `ca` (DER), read and checked when the file was loaded.
+    pub ca_certs: Vec<CertificateDer<'static>>,
 }
 
 /// TLS toward a target.
@@ -262,6 +299,37 @@ fn parse_proxy_url(url: &str) -> Result<ProxyConfig, String> {
         password,
     })
 }
+
+/// Reads a PEM file of extra trust anchors (`hub_ca`, `proxy_ca`, a target's `ca`): at least
+/// one certificate, each usable as a trust anchor. The error is one line naming the file.
+pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let unreadable = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(unreadable)?;
+    let certs = rustls_pemfile::certs(&mut BufReader::new(file))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(unreadable)?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    let mut probe = RootCertStore::empty();
+    for (index, cert) in certs.iter().enumerate() {
+        probe.add(cert.clone()).map_err(|e| {
+            format!(
+                "certificate #{} of {} is not a usable trust anchor ({e})",
+                index + 1,
+                path.display()
+            )
+        })?;
+    }
+    Ok(certs)
+}
+
+/// What to do about a CA file [`read_ca_file`] refused.
+const CA_FILE_FIX: &str =
+    "give a PEM file holding the CA certificate, readable by the agent's user";
 
 /// A proxy URL safe to print: credentials replaced by `***`.
 fn redact_url(url: &str) -> String {
@@ -495,7 +563,23 @@ fn build(doc: RawDoc, path: &Path, secrets: Secrets) -> Result<AgentConfig, Conf
         Some((v, _)) => resolve_path(path, v),
         None => resolve_path(path, "run"),
     };
-    let hub_ca = non_empty("hub_ca").map(|(v, _)| resolve_path(path, v));
+    // A PEM file named by `key` on `line`: resolved against the config's folder and, unless
+    // only the file's shape is being checked, read and checked now so the error has its line.
+    let ca_file = |key: &str,
+                   line: usize,
+                   written: &str|
+     -> Result<(PathBuf, Vec<CertificateDer<'static>>), ConfigError> {
+        let resolved = resolve_path(path, written);
+        if secrets == Secrets::Skip {
+            return Ok((resolved, Vec::new()));
+        }
+        let certs = read_ca_file(&resolved)
+            .map_err(|reason| invalid(key, line, Some(written.to_string()), reason, CA_FILE_FIX))?;
+        Ok((resolved, certs))
+    };
+    let hub_ca = non_empty("hub_ca")
+        .map(|(v, line)| ca_file("hub_ca", line, v).map(|(p, _)| p))
+        .transpose()?;
 
     let proxy_source = SecretSource {
         key: "proxy",
@@ -526,6 +610,21 @@ fn build(doc: RawDoc, path: &Path, secrets: Secrets) -> Result<AgentConfig, Conf
             })
         })
         .transpose()?;
+    let proxy_ca = match non_empty("proxy_ca") {
+        None => None,
+        Some((v, line)) => {
+            if secrets == Secrets::Resolve && !proxy.as_ref().is_some_and(|p| p.scheme_https) {
+                return Err(invalid(
+                    "proxy_ca",
+                    line,
+                    Some(v.to_string()),
+                    "proxy_ca only applies to an https:// proxy".into(),
+                    "remove it, or write proxy = https://…",
+                ));
+            }
+            Some(ca_file("proxy_ca", line, v)?.0)
+        }
+    };
 
     let agent_name = match non_empty("agent_name") {
         Some((v, line)) => {
@@ -601,6 +700,13 @@ fn build(doc: RawDoc, path: &Path, secrets: Secrets) -> Result<AgentConfig, Conf
             (false, false) => TlsMode::FromScheme,
         };
         let insecure_allow_skip_tls_check = flag("insecure_allow_skip_tls_check")?;
+        let (ca, ca_certs) = match raw.entries.get("ca") {
+            Some((v, line)) if !v.is_empty() => {
+                let (p, certs) = ca_file(&key("ca"), *line, v)?;
+                (Some(p), certs)
+            }
+            _ => (None, Vec::new()),
+        };
         targets.insert(
             name.clone(),
             TargetConfig {
@@ -608,6 +714,8 @@ fn build(doc: RawDoc, path: &Path, secrets: Secrets) -> Result<AgentConfig, Conf
                 addr: addr.clone(),
                 tls,
                 insecure_allow_skip_tls_check,
+                ca,
+                ca_certs,
             },
         );
     }
@@ -619,8 +727,14 @@ fn build(doc: RawDoc, path: &Path, secrets: Secrets) -> Result<AgentConfig, Conf
         hub,
         hub_ca,
         proxy,
+        proxy_ca,
         agent_name,
         targets,
+        lines: doc
+            .top
+            .iter()
+            .map(|(key, (_, line))| (key.clone(), *line))
+            .collect(),
     })
 }
 
@@ -657,6 +771,9 @@ pub struct SetTarget {
     pub insecure_allow_skip_tls_check: bool,
     /// `-override`: replace an existing section.
     pub override_existing: bool,
+    /// `-ca <file>`: a PEM file of CA certificates the target's certificate is checked against,
+    /// besides the system's.
+    pub ca: Option<PathBuf>,
 }
 
 /// What `set_target` did.
@@ -675,7 +792,8 @@ pub enum SetTargetOutcome {
 /// `key = value` line) are replaced in place, and the comments and blank lines that follow it,
 /// which usually introduce the next section, are kept. The section is always written with all
 /// four keys (`addr`, `always_tls`, `no_tls`, `insecure_allow_skip_tls_check`), like the
-/// sample. The file is left untouched on any error: bad name or address, an existing name
+/// sample, plus `ca` (made absolute, after the file was read and checked) when one is given.
+/// The file is left untouched on any error: bad name, address or CA file, an existing name
 /// without override, or a result that does not validate (secrets are not resolved for this
 /// check, so it works in a shell without the agent's environment). The new file is written
 /// atomically with the original's permissions and owner.
@@ -705,6 +823,26 @@ pub fn set_target(path: &Path, change: &SetTarget) -> Result<SetTargetOutcome, C
         )
     })?;
 
+    let ca = match &change.ca {
+        None => None,
+        Some(given) => {
+            let shown = given.display().to_string();
+            let absolute = std::path::absolute(given)
+                .map_err(|e| argument("CA file", &shown, e.to_string(), CA_FILE_FIX))?;
+            read_ca_file(&absolute).map_err(|r| argument("CA file", &shown, r, CA_FILE_FIX))?;
+            let written = absolute.to_str().filter(|p| !p.contains(['"', '\n', '\r']));
+            let Some(written) = written else {
+                return Err(argument(
+                    "CA file",
+                    &shown,
+                    "the path holds a quote, a line break or non-UTF-8 bytes".into(),
+                    "move the file to a plainer path",
+                ));
+            };
+            Some(written.to_string())
+        }
+    };
+
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
@@ -712,7 +850,7 @@ pub fn set_target(path: &Path, change: &SetTarget) -> Result<SetTargetOutcome, C
     let original_check = parse_with(&text, path, Secrets::Skip);
 
     let eol = if text.contains("\r\n") { "\r\n" } else { "\n" };
-    let section = render_section(change, eol);
+    let section = render_section(change, ca.as_deref(), eol);
     let lines = ini::parse_lines(&text, path)?;
     let raw = ini::raw_lines(&text);
     let header = format!("{TARGET_PREFIX}{}", change.name);
@@ -773,15 +911,24 @@ pub fn set_target(path: &Path, change: &SetTarget) -> Result<SetTargetOutcome, C
     Ok(outcome)
 }
 
-fn render_section(change: &SetTarget, eol: &str) -> String {
-    format!(
+fn render_section(change: &SetTarget, ca: Option<&str>, eol: &str) -> String {
+    let mut section = format!(
         "[{TARGET_PREFIX}{name}]{eol}addr = {addr}{eol}always_tls = {always}{eol}no_tls = {never}{eol}insecure_allow_skip_tls_check = {skip}{eol}",
         name = change.name,
         addr = change.addr,
         always = change.tls == TlsMode::Always,
         never = change.tls == TlsMode::Never,
         skip = change.insecure_allow_skip_tls_check,
-    )
+    );
+    if let Some(ca) = ca {
+        // Quoted when a space, `#` or `;` would otherwise end the value.
+        if ca.contains(char::is_whitespace) || ca.contains(['#', ';']) {
+            section.push_str(&format!("ca = \"{ca}\"{eol}"));
+        } else {
+            section.push_str(&format!("ca = {ca}{eol}"));
+        }
+    }
+    section
 }
 
 #[cfg(test)]
@@ -806,20 +953,44 @@ mod tests {
         msg
     }
 
+    /// A folder holding `ca/hub-ca.pem`, `ca/proxy-ca.pem` and `ca/crm-ca.pem`, each one CA
+    /// certificate.
+    fn ca_files() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("ca")).unwrap();
+        for name in ["hub-ca", "proxy-ca", "crm-ca"] {
+            let ca = crate::certs::TestCa::new(name).unwrap();
+            fs::write(dir.path().join(format!("ca/{name}.pem")), ca.cert_pem()).unwrap();
+        }
+        dir
+    }
+
     #[test]
     fn full_example_parses() {
+        let dir = ca_files();
+        let conf = dir.path().join("config.ini");
         let text = format!(
             "# agent\nservice_id = {ID}   # the id\nstate_dir = run/\n\
              proxy = https://us%40er:p%3Ass@proxy_host.local:3128     # optional\n\
-             hub = wss://hub.example.com/v1/connect\nhub_ca = ca/hub-ca.pem\nagent_name = vm-01\n\n\
+             hub = wss://hub.example.com/v1/connect\nhub_ca = ca/hub-ca.pem\nagent_name = vm-01\n\
+             proxy_ca = ca/proxy-ca.pem\n\n\
              [target.scim-server]\naddr = 10.0.0.12:443\nalways_tls = false\nno_tls = false\n\
              insecure_allow_skip_tls_check = false\n\n; second\n[target.crm]\naddr = [fd00::12]:8443\n\
-             always_tls = yes\ninsecure_allow_skip_tls_check = 1\n"
+             always_tls = yes\ninsecure_allow_skip_tls_check = 1\nca = ca/crm-ca.pem\n"
         );
-        let c = AgentConfig::parse(&text, &p()).unwrap();
+        let c = AgentConfig::parse(&text, &conf).unwrap();
         assert_eq!(c.service_id.expose(), ID);
-        assert_eq!(c.state_dir, PathBuf::from("/etc/connect/run/"));
-        assert_eq!(c.hub_ca, Some(PathBuf::from("/etc/connect/ca/hub-ca.pem")));
+        assert_eq!(c.state_dir, dir.path().join("run/"));
+        assert_eq!(c.hub_ca, Some(dir.path().join("ca/hub-ca.pem")));
+        assert_eq!(c.proxy_ca, Some(dir.path().join("ca/proxy-ca.pem")));
+        assert_eq!(
+            (
+                c.line_of("state_dir"),
+                c.line_of("proxy_ca"),
+                c.line_of("nope")
+            ),
+            (Some(3), Some(8), None)
+        );
         assert_eq!(c.hub, "wss://hub.example.com/v1/connect");
         assert_eq!(c.agent_name.as_deref(), Some("vm-01"));
         let proxy = c.proxy.clone().unwrap();
@@ -836,13 +1007,120 @@ mod tests {
             (t.addr.as_str(), t.tls, t.insecure_allow_skip_tls_check),
             ("10.0.0.12:443", TlsMode::FromScheme, false)
         );
+        assert!(t.ca.is_none() && t.ca_certs.is_empty());
         let t = &c.targets["crm"];
         assert_eq!(
             (t.addr.as_str(), t.tls, t.insecure_allow_skip_tls_check),
             ("[fd00::12]:8443", TlsMode::Always, true)
         );
+        assert_eq!(t.ca, Some(dir.path().join("ca/crm-ca.pem")));
+        assert_eq!(t.ca_certs.len(), 1);
         let debug = format!("{c:?}");
         assert!(!debug.contains(ID) && !debug.contains("p:ss"), "{debug}");
+        assert!(!debug.contains("us@er"), "{debug}");
+    }
+
+    #[test]
+    fn ca_files_are_read_at_load_and_named_with_their_line() {
+        let dir = ca_files();
+        let conf = dir.path().join("config.ini");
+        fs::write(dir.path().join("garbage.pem"), "not a certificate\n").unwrap();
+        fs::write(
+            dir.path().join("broken.pem"),
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let load = |text: &str| {
+            let m = AgentConfig::parse(text, &conf).unwrap_err().to_string();
+            assert!(!m.contains('\n'), "{m}");
+            m
+        };
+        let m = load(&format!("{}hub_ca = ca/missing.pem\n", base()));
+        assert!(
+            m.starts_with(&format!(
+                "{}:3: `hub_ca` = \"ca/missing.pem\": cannot read {}",
+                conf.display(),
+                dir.path().join("ca/missing.pem").display()
+            )),
+            "{m}"
+        );
+        assert!(
+            m.contains("No such file") && m.ends_with(CA_FILE_FIX),
+            "{m}"
+        );
+        let m = load(&format!(
+            "{}[target.crm]\naddr = h:1\nca = garbage.pem\n",
+            base()
+        ));
+        assert!(
+            m.contains(":5: `[target.crm] ca` = \"garbage.pem\": ")
+                && m.contains("garbage.pem holds no PEM certificate"),
+            "{m}"
+        );
+        let m = load(&format!(
+            "{}[target.crm]\naddr = h:1\nca = broken.pem\n",
+            base()
+        ));
+        assert!(
+            m.contains(":5: `[target.crm] ca`") && m.contains("certificate #1 of"),
+            "{m}"
+        );
+        let m = load(&format!("{}proxy_ca = ca/proxy-ca.pem\n", base()));
+        assert!(
+            m.contains(":3: `proxy_ca`") && m.contains("only applies to an https:// proxy"),
+            "{m}"
+        );
+        let m = load(&format!(
+            "{}proxy = http://p:3128\nproxy_ca = ca/proxy-ca.pem\n",
+            base()
+        ));
+        assert!(m.contains(":4: `proxy_ca`"), "{m}");
+        // An empty `ca` means none, like the other optional keys.
+        let c = AgentConfig::parse(
+            &format!("{}[target.crm]\naddr = h:1\nca =\n", base()),
+            &conf,
+        )
+        .unwrap();
+        assert!(c.targets["crm"].ca.is_none());
+    }
+
+    #[test]
+    fn set_target_with_a_ca_file_writes_its_absolute_path() {
+        let (dir, conf) = write_conf(ORIGINAL);
+        let ca = crate::certs::TestCa::new("private").unwrap();
+        let ca_path = dir.path().join("my ca.pem");
+        fs::write(&ca_path, ca.cert_pem()).unwrap();
+        let mut c = change("secure", "10.0.0.7:443", false);
+        c.ca = Some(ca_path.clone());
+        set_target(&conf, &c).unwrap();
+        let after = fs::read_to_string(&conf).unwrap();
+        assert!(
+            after.ends_with(&format!(
+                "insecure_allow_skip_tls_check = false\nca = \"{}\"\n",
+                ca_path.display()
+            )),
+            "{after}"
+        );
+        let t = &AgentConfig::load(&conf).unwrap().targets["secure"];
+        assert_eq!(t.ca.as_deref(), Some(ca_path.as_path()));
+        assert_eq!(t.ca_certs.len(), 1);
+
+        // A file that is no CA certificate: refused, config.ini untouched.
+        let before = fs::read_to_string(&conf).unwrap();
+        let mut c = change("other", "10.0.0.8:443", false);
+        c.ca = Some(conf.clone());
+        let m = set_target(&conf, &c).unwrap_err().to_string();
+        assert!(
+            m.starts_with("set-target: CA file") && m.contains("holds no PEM certificate"),
+            "{m}"
+        );
+        c.ca = Some(dir.path().join("absent.pem"));
+        let m = set_target(&conf, &c).unwrap_err().to_string();
+        assert!(
+            m.contains("cannot read") && m.contains("left unchanged"),
+            "{m}"
+        );
+        assert_eq!(fs::read_to_string(&conf).unwrap(), before);
     }
 
     #[test]
@@ -1193,6 +1471,7 @@ addr = hr.local:8443   # port 8443\n\
             tls: TlsMode::FromScheme,
             insecure_allow_skip_tls_check: false,
             override_existing,
+            ca: None,
         }
     }
 

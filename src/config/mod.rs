@@ -4,8 +4,8 @@
 //!
 //! This module owns turning text into validated values and every error message a user sees about
 //! a file. It must never start actors, open sockets or check anything on disk beyond the files it
-//! is asked to read (and the `*_file` secrets they name): whether `state_dir` or `hub_ca` exist is
-//! the running role's business. It must never put a secret value into an error, `Debug` or
+//! is asked to read (and the `*_file` secrets and PEM trust-anchor files they name, so that a bad
+//! one is reported with its line): whether `state_dir` is usable is the running role's business. It must never put a secret value into an error, `Debug` or
 //! `Display` output.
 
 pub mod agent;

@@ -285,11 +285,43 @@ impl TargetClient {
         }
 
         phase.store(PHASE_CONNECTING, Ordering::Relaxed);
-        let mut sender = self.connect(req, &key).await?;
+        let first_bytes = Arc::new(FirstBytes::default());
+        let mut sender = self.connect(req, &key, &first_bytes).await?;
         phase.store(PHASE_EXCHANGING, Ordering::Relaxed);
         match sender.try_send_request(request).await {
             Ok(response) => self.read_response(id, response, sender, key).await,
-            Err(failed) => Err(self.network(&failed.into_error())),
+            Err(failed) => {
+                let error = failed.into_error();
+                match first_bytes.get() {
+                    Some(first) if key == ConnKey::Plain && looks_like_tls(first) => {
+                        Err(ForwardError::Tls {
+                            addr: self.spec.addr.clone(),
+                            detail: self.tls_answer_to_plain_http(),
+                        })
+                    }
+                    _ => Err(self.network(&error)),
+                }
+            }
+        }
+    }
+
+    /// What to do when a plain-HTTP request was answered with TLS records: the port serves
+    /// HTTPS. Deliberately free of the word "certificate": skipping checks does not help here.
+    fn tls_answer_to_plain_http(&self) -> String {
+        let name = &self.spec.name;
+        match self.spec.tls {
+            TargetTls::Never => format!(
+                "plain HTTP was sent, but the target answered in TLS: it serves HTTPS on this \
+                 port; target `{name}` is declared with -no-tls: declare it again without \
+                 -no-tls (connect set-target {name} {addr} -override) and use an https:// base \
+                 URL",
+                addr = self.spec.addr
+            ),
+            TargetTls::FromScheme | TargetTls::Always => format!(
+                "plain HTTP was sent, but the target answered in TLS: it serves HTTPS on this \
+                 port; use an https:// base URL for the application, or declare target \
+                 `{name}` with -always-tls"
+            ),
         }
     }
 
@@ -303,7 +335,12 @@ impl TargetClient {
     /// Opens a new connection: resolve, TCP connect (TCP_NODELAY), TLS if asked, HTTP/1.1
     /// handshake. Resolution, and then connect plus TLS handshake, each take at most the
     /// connect timeout.
-    async fn connect(&self, req: &ForwardRequest, key: &ConnKey) -> Result<Sender, ForwardError> {
+    async fn connect(
+        &self,
+        req: &ForwardRequest,
+        key: &ConnKey,
+        first_bytes: &Arc<FirstBytes>,
+    ) -> Result<Sender, ForwardError> {
         let addr = &self.spec.addr;
         let connect_timeout = self.limits.connect_timeout;
         let started = Instant::now();
@@ -338,7 +375,13 @@ impl TargetClient {
         stream.set_nodelay(true).map_err(|e| self.network(&e))?;
 
         let sender = match key {
-            ConnKey::Plain => self.handshake(stream).await?,
+            ConnKey::Plain => {
+                self.handshake(Sniffing {
+                    inner: stream,
+                    first: first_bytes.clone(),
+                })
+                .await?
+            }
             ConnKey::Tls {
                 server_name,
                 skip_verify,
@@ -355,6 +398,8 @@ impl TargetClient {
                     SkipContext::Skipped
                 } else if req.skip_tls_verify {
                     SkipContext::RequestedNotAllowed
+                } else if self.spec.insecure_allow_skip_tls_check {
+                    SkipContext::AllowedNotRequested
                 } else {
                     SkipContext::NotRequested
                 };
@@ -486,5 +531,76 @@ impl TargetClient {
                 _ => tracing::trace!(request_id = id, "connection not reusable"),
             }
         });
+    }
+}
+
+/// The first bytes received on a plain-HTTP connection, kept to recognise a server that
+/// answers in TLS (an HTTPS port reached without TLS).
+type FirstBytes = std::sync::OnceLock<Vec<u8>>;
+
+/// How many leading bytes are kept: a TLS record header starts with its type and version.
+const FIRST_BYTES: usize = 3;
+
+/// True for the start of a TLS record (change_cipher_spec, alert, handshake or application
+/// data, protocol major version 3).
+fn looks_like_tls(first: &[u8]) -> bool {
+    matches!(first, [0x14..=0x17, 0x03, ..])
+}
+
+/// A stream that records the first bytes it reads into a [`FirstBytes`].
+struct Sniffing<T> {
+    inner: T,
+    first: Arc<FirstBytes>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Sniffing<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = &buf.filled()[before..];
+        if !read.is_empty() && self.first.get().is_none() {
+            let _ = self.first.set(read[..read.len().min(FIRST_BYTES)].to_vec());
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Sniffing<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }

@@ -389,8 +389,10 @@ pub fn server_name(host: &str) -> Option<ServerName<'static>> {
 /// What the caller knows about certificate checks for the failed request, to name the fix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SkipContext {
-    /// The hub did not ask to skip checks.
+    /// The hub did not ask to skip checks, and the target does not allow it either.
     NotRequested,
+    /// The target allows skipping checks, but the hub did not ask for it.
+    AllowedNotRequested,
     /// The hub asked, but the target was not declared with `-insecure-allow-skip-tls-check`.
     RequestedNotAllowed,
     /// Checks were skipped (so a failure is not about the certificate chain).
@@ -432,14 +434,26 @@ pub fn describe_handshake_error(err: &io::Error, target: &str, skip: SkipContext
             "unknown issuer: the target's certificate is signed by a CA this agent does not trust"
                 .to_owned()
         }
-        CertificateError::NotValidForName => "certificate is not valid for this host".to_owned(),
+        CertificateError::NotValidForName => {
+            return "certificate is not valid for the base URL's host; use a host name the \
+                    certificate carries in the application's base URL, or have the certificate \
+                    issued for that host"
+                .to_owned()
+        }
         CertificateError::NotValidForNameContext {
             expected,
             presented,
-        } => format!(
-            "certificate is not valid for host {expected:?} (it names {})",
-            presented.join(", ")
-        ),
+        } => {
+            let names: Vec<&str> = presented.iter().map(|p| bare_name(p)).collect();
+            return format!(
+                "certificate is not valid for host {:?} (it names {}); use one of those names \
+                 in the application's base URL (the agent still connects to the target's \
+                 address), or have the certificate issued for {:?}",
+                expected.to_str(),
+                names.join(", "),
+                expected.to_str()
+            );
+        }
         CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
             "certificate has expired".to_owned()
         }
@@ -454,12 +468,26 @@ pub fn describe_handshake_error(err: &io::Error, target: &str, skip: SkipContext
             "the application asks to skip certificate checks, but target `{target}` was not \
              declared with -insecure-allow-skip-tls-check"
         ),
+        SkipContext::AllowedNotRequested => format!(
+            "target `{target}` allows skipping certificate checks, but the application does \
+             not ask for it: enable skip_tls_check on the application, or trust its CA with \
+             `ca = <PEM file>` on the target"
+        ),
         SkipContext::NotRequested | SkipContext::Skipped => format!(
-            "trust its CA (extra root for target `{target}`), or declare the target with \
-             -insecure-allow-skip-tls-check and enable skip-TLS-check on the application"
+            "trust its CA with `ca = <PEM file>` on target `{target}` (connect set-target \
+             -ca), or declare the target with -insecure-allow-skip-tls-check and enable \
+             skip_tls_check on the application"
         ),
     };
     format!("{reason}; {fix}")
+}
+
+/// `DnsName("scim.test")` → `scim.test`: rustls reports presented names in their debug form.
+fn bare_name(presented: &str) -> &str {
+    match (presented.find('"'), presented.rfind('"')) {
+        (Some(start), Some(end)) if end > start => &presented[start + 1..end],
+        _ => presented,
+    }
 }
 
 #[cfg(test)]
@@ -485,6 +513,56 @@ mod tests {
         assert_eq!(server_name("::1"), ip("::1"));
         assert_eq!(server_name("bad name:80"), None);
         assert_eq!(server_name("[::1"), None);
+    }
+
+    fn tls_error(e: CertificateError) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(e),
+        )
+    }
+
+    #[test]
+    fn each_skip_context_names_its_own_fix() {
+        let unknown = || tls_error(CertificateError::UnknownIssuer);
+        let m = describe_handshake_error(&unknown(), "crm", SkipContext::NotRequested);
+        assert!(
+            m.starts_with("unknown issuer") && m.contains("`ca = <PEM file>` on target `crm`"),
+            "{m}"
+        );
+        assert!(
+            m.contains("-insecure-allow-skip-tls-check and enable skip_tls_check"),
+            "{m}"
+        );
+        let m = describe_handshake_error(&unknown(), "crm", SkipContext::AllowedNotRequested);
+        assert!(
+            m.contains("target `crm` allows skipping certificate checks, but the application does not ask for it"),
+            "{m}"
+        );
+        let m = describe_handshake_error(&unknown(), "crm", SkipContext::RequestedNotAllowed);
+        assert!(
+            m.contains("the application asks to skip certificate checks, but target `crm` was not declared"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn a_name_mismatch_shows_plain_names_and_its_own_fix() {
+        let e = tls_error(CertificateError::NotValidForNameContext {
+            expected: ServerName::try_from("other.test").unwrap(),
+            presented: vec![
+                "DnsName(\"scim.test\")".into(),
+                "IpAddress(127.0.0.1)".into(),
+            ],
+        });
+        let m = describe_handshake_error(&e, "crm", SkipContext::NotRequested);
+        assert!(
+            m.starts_with(
+                "certificate is not valid for host \"other.test\" (it names scim.test, IpAddress(127.0.0.1)); use one of those names in the application's base URL"
+            ),
+            "{m}"
+        );
+        assert!(!m.contains("DnsName"), "{m}");
     }
 
     #[test]

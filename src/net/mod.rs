@@ -1,6 +1,6 @@
 //! Sockets and TLS set-up shared by both roles: the boxed stream type the websocket runs over,
-//! PEM loading, the hub's server TLS configuration and the agent's client TLS configuration
-//! toward the hub.
+//! PEM loading, the hub's server TLS configuration, the agent's client TLS configuration toward
+//! the hub, and the agent's dialing of the hub (directly or through an HTTP CONNECT proxy).
 //!
 //! This module only builds connections; it never reads frames or decides what a peer may do.
 
@@ -13,7 +13,9 @@ use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_tungstenite::WebSocketStream;
 
+pub mod dial;
 pub mod link;
+pub mod proxy;
 
 /// Anything a websocket can run over: plain TCP in tests of the framing, TLS over TCP or TLS
 /// over a proxy tunnel in real use.
@@ -97,9 +99,9 @@ pub fn hub_server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerCo
     Ok(Arc::new(config))
 }
 
-/// Trust anchors for the agent's connection to the hub: the system's roots plus the optional
-/// `hub_ca` file. System roots that fail to load are skipped (a minimal VM may have none) as
-/// long as something is left to trust.
+/// Trust anchors for the agent's connection to the hub (and to an `https://` proxy): the
+/// system's roots plus the optional `hub_ca` (or `proxy_ca`) file. System roots that fail to
+/// load are skipped (a minimal VM may have none) as long as something is left to trust.
 pub fn hub_client_config(hub_ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, NetError> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();

@@ -348,10 +348,16 @@ impl Deployment {
 
     /// Starts `connect run --config <config>` as a process called `label`.
     pub fn spawn_agent(&self, label: &str, config: &Path) -> ChildGuard {
+        self.spawn_agent_logging(label, config, "info")
+    }
+
+    /// Like [`Deployment::spawn_agent`] with `RUST_LOG=<rust_log>` (e.g. `debug`, to check
+    /// that not even debug lines carry a secret).
+    pub fn spawn_agent_logging(&self, label: &str, config: &Path, rust_log: &str) -> ChildGuard {
         let mut cmd = Command::new(connect_bin());
         cmd.args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", rust_log);
         ChildGuard::spawn(label, cmd).expect("start connect run")
     }
 

@@ -13,6 +13,8 @@ pub mod conformance;
 pub mod deploy;
 pub mod peers;
 pub mod scenarios;
+pub mod tinyproxy;
+pub mod tls_front;
 
 // Not every test crate uses both.
 #[allow(unused_imports)]
@@ -209,6 +211,16 @@ impl ChildGuard {
         Ok(status.expect("set when the wait succeeded"))
     }
 
+    /// What the child wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        read_lossy(&self.stdout_path)
+    }
+
+    /// What the child wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        read_lossy(&self.stderr_path)
+    }
+
     /// What the child printed so far: stdout, then stderr, each under a header.
     pub fn logs(&self) -> String {
         let mut out = String::new();
@@ -233,6 +245,12 @@ impl Drop for ChildGuard {
             eprintln!("{}", tail(&self.logs(), 200));
         }
     }
+}
+
+fn read_lossy(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_else(|e| format!("<could not read {}: {e}>", path.display()))
 }
 
 /// Keeps the last `lines` lines of `text`, saying how many were cut.
@@ -479,6 +497,8 @@ pub struct Scim2Server {
     /// `http://127.0.0.1:<port>/v2`.
     pub base_url: String,
     bearer_token: Option<String>,
+    /// Started with `--dynamic-tenants`.
+    tenants: bool,
     guard: ChildGuard,
 }
 
@@ -490,13 +510,32 @@ impl Scim2Server {
     /// `GET /v2/ServiceProviderConfig` answers 200. Panics (with the server's output) when it
     /// cannot be started.
     pub async fn start(bearer_token: Option<&str>) -> Scim2Server {
-        let (port, guard) = start_on_free_port("scim2-server", |port| launch(port, bearer_token))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        Self::start_with(bearer_token, false).await
+    }
+
+    /// Like [`Scim2Server::start`], with `--dynamic-tenants`: each first path segment is a
+    /// tenant of its own (`/<tenant>/v2`, see [`Scim2Server::tenant_path`]), so applications
+    /// sharing one server never see each other's resources. The `/v2` helpers below do not
+    /// apply to such a server.
+    pub async fn start_with_tenants(bearer_token: Option<&str>) -> Scim2Server {
+        Self::start_with(bearer_token, true).await
+    }
+
+    /// The SCIM root path of `tenant` on a server started with tenants: `/<tenant>/v2`.
+    pub fn tenant_path(tenant: &str) -> String {
+        format!("/{tenant}/v2")
+    }
+
+    async fn start_with(bearer_token: Option<&str>, tenants: bool) -> Scim2Server {
+        let (port, guard) =
+            start_on_free_port("scim2-server", |port| launch(port, bearer_token, tenants))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
         Scim2Server {
             port,
             base_url: format!("http://127.0.0.1:{port}{}", Self::BASE_PATH),
             bearer_token: bearer_token.map(str::to_owned),
+            tenants,
             guard,
         }
     }
@@ -506,7 +545,7 @@ impl Scim2Server {
     pub async fn restart(&mut self) {
         self.guard.stop();
         let token = self.bearer_token.clone();
-        self.guard = launch(self.port, token.as_deref())
+        self.guard = launch(self.port, token.as_deref(), self.tenants)
             .await
             .unwrap_or_else(|failure| panic!("scim2-server did not restart: {failure}"));
     }
@@ -632,8 +671,13 @@ pub async fn spawn_until_ready(
     }
 }
 
-/// Starts one scim2-server on `port` and waits until it is ready.
-async fn launch(port: u16, bearer_token: Option<&str>) -> Result<ChildGuard, String> {
+/// Starts one scim2-server on `port` (with `--dynamic-tenants` when `tenants`) and waits until
+/// it is ready; on failure the child is stopped and its output returned in the error.
+async fn launch(
+    port: u16,
+    bearer_token: Option<&str>,
+    tenants: bool,
+) -> Result<ChildGuard, String> {
     let bin = scim2_server_bin();
     assert!(
         bin.exists(),
@@ -645,6 +689,17 @@ async fn launch(port: u16, bearer_token: Option<&str>) -> Result<ChildGuard, Str
     if let Some(token) = bearer_token {
         cmd.args(["--bearer-token", token]);
     }
+    if tenants {
+        cmd.arg("--dynamic-tenants");
+    }
+    let ready_path = if tenants {
+        format!(
+            "{}/ServiceProviderConfig",
+            Scim2Server::tenant_path("ready")
+        )
+    } else {
+        "/v2/ServiceProviderConfig".to_owned()
+    };
     // Python buffers stdout when it is a file; unbuffered output keeps logs() current.
     cmd.env("PYTHONUNBUFFERED", "1");
     // ServiceProviderConfig needs no token on this server.
@@ -652,7 +707,7 @@ async fn launch(port: u16, bearer_token: Option<&str>) -> Result<ChildGuard, Str
         &format!("scim2-server:{port}"),
         cmd,
         port,
-        "/v2/ServiceProviderConfig",
+        &ready_path,
         &[],
         SCIM2_READY_TIMEOUT,
     )

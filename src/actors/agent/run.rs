@@ -1,5 +1,9 @@
 //! Starting and stopping the agent: turns a validated config.ini into the actor tree.
+//!
+//! Every start-up check (hub URL, trust anchors, proxy, state directory) runs before the first
+//! actor is spawned, so a refused start leaves nothing running and nothing half-created.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
@@ -10,9 +14,10 @@ use super::session::HubEndpoint;
 use super::supervisor::{
     AgentSupervisor, AgentSupervisorArgs, AgentSupervisorMsg, SessionTemplate,
 };
-use crate::config::agent::{AgentConfig, TlsMode};
+use crate::config::agent::{parse_hub_url, AgentConfig, TlsMode};
 use crate::messages::agent::{DialerLimits, TargetSpec, TargetTls};
 use crate::messages::agent::{SessionMsg, SessionStatus};
+use crate::net::proxy::Proxy;
 use crate::tunnel;
 
 /// Why the agent could not start. Each names the config.ini key involved.
@@ -29,14 +34,18 @@ pub enum AgentError {
         file: String,
         source: crate::net::NetError,
     },
-    #[error("{file}: state_dir {dir} is not writable: {source} (create it and give the agent's user write access)")]
-    StateDir {
+    #[error("{file}: proxy_ca: {source}")]
+    ProxyCa {
         file: String,
+        source: crate::net::NetError,
+    },
+    #[error("{at}: `state_dir` = {dir:?}: the agent cannot write there ({source}); create the folder and give the agent's user write access to it, or point state_dir at one it may write")]
+    StateDir {
+        /// `file:line`, or just the file when state_dir is the default.
+        at: String,
         dir: String,
         source: std::io::Error,
     },
-    #[error("{file}: proxy is set, but this build does not dial through a proxy yet; remove the proxy line or allow direct outbound 443 to the hub")]
-    ProxyUnsupported { file: String },
     #[error("cannot start the agent's actors: {0}")]
     Spawn(String),
 }
@@ -99,26 +108,38 @@ pub fn hub_endpoint(config: &AgentConfig) -> Result<HubEndpoint, AgentError> {
         url: config.hub.clone(),
         why: why.to_string(),
     };
-    let uri: http::Uri = config
-        .hub
-        .parse()
-        .map_err(|_| bad("not a URL (expected wss://host[:port]/v1/connect)"))?;
-    if uri.scheme_str() != Some("wss") {
-        return Err(bad("the hub is reached over wss:// only"));
-    }
-    let host = uri.host().ok_or_else(|| bad("no host"))?.to_string();
-    let port = uri.port_u16().unwrap_or(443);
+    // Validated when the file was loaded; parsed again for its parts (IPv6 without brackets).
+    let parsed = parse_hub_url(&config.hub).map_err(|why| bad(&why))?;
     let tls = crate::net::hub_client_config(config.hub_ca.as_deref()).map_err(|source| {
         AgentError::HubCa {
             file: file.clone(),
             source,
         }
     })?;
+    let proxy = match &config.proxy {
+        None => None,
+        Some(proxy) => {
+            let proxy_tls = if proxy.scheme_https {
+                Some(
+                    crate::net::hub_client_config(config.proxy_ca.as_deref()).map_err(
+                        |source| AgentError::ProxyCa {
+                            file: file.clone(),
+                            source,
+                        },
+                    )?,
+                )
+            } else {
+                None
+            };
+            Some(Arc::new(Proxy::new(proxy, proxy_tls)))
+        }
+    };
     Ok(HubEndpoint {
         url: config.hub.clone(),
-        host,
-        port,
+        host: parsed.host,
+        port: parsed.port,
         tls,
+        proxy,
     })
 }
 
@@ -133,19 +154,19 @@ pub fn target_spec(target: &crate::config::agent::TargetConfig) -> TargetSpec {
             TlsMode::Never => TargetTls::Never,
         },
         insecure_allow_skip_tls_check: target.insecure_allow_skip_tls_check,
-        extra_roots: Vec::new(),
+        extra_roots: target.ca_certs.clone(),
     }
 }
 
-/// Checks the state directory and starts the agent's actor tree.
+/// Checks the hub endpoint, the proxy and the state directory, then starts the agent's actor
+/// tree.
 pub async fn start(config: &AgentConfig) -> Result<AgentHandle, AgentError> {
-    let file = config.path.display().to_string();
-    if config.proxy.is_some() {
-        return Err(AgentError::ProxyUnsupported { file });
-    }
     let hub = hub_endpoint(config)?;
     check_state_dir(config).map_err(|source| AgentError::StateDir {
-        file: file.clone(),
+        at: match config.line_of("state_dir") {
+            Some(line) => format!("{}:{line}", config.path.display()),
+            None => config.path.display().to_string(),
+        },
         dir: config.state_dir.display().to_string(),
         source,
     })?;

@@ -10,22 +10,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_rustls::rustls::pki_types::ServerName;
-use tokio_rustls::rustls::ClientConfig;
-use tokio_rustls::TlsConnector;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tracing::{debug, info, warn};
 
 use super::dialer::Dialers;
 use crate::actors::key_exchange::{KeyExchange, KeyExchangeArgs, KeyExchangeMsg, Role};
 use crate::messages::agent::{SessionMsg, SessionStatus};
 use crate::messages::{ForwardResponse, Frame, LinkEvent, PROTOCOL_VERSION};
+pub use crate::net::dial::HubEndpoint;
 use crate::net::link::Link;
-use crate::net::{BoxedIo, Ws, SERVICE_HEADER};
+use crate::net::Ws;
 use crate::tunnel;
 
 /// How often the agent pings the hub.
@@ -37,16 +32,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Backoff bounds between reconnection attempts.
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
-
-/// Where and how to reach the hub.
-#[derive(Clone)]
-pub struct HubEndpoint {
-    /// The `hub` URL as configured (shown in logs and status; holds no secret).
-    pub url: String,
-    pub host: String,
-    pub port: u16,
-    pub tls: Arc<ClientConfig>,
-}
 
 /// What a Session starts from.
 #[derive(Clone)]
@@ -361,48 +346,11 @@ impl Session {
     }
 }
 
-/// Opens the websocket to the hub.
+/// Opens the websocket to the hub, directly or through the configured proxy (`crate::net`).
 async fn dial(hub: &HubEndpoint, lookup_hash: &str) -> Result<Ws, String> {
-    let addr = format!("{}:{}", hub.host, hub.port);
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+    hub.dial(lookup_hash, CONNECT_TIMEOUT)
         .await
-        .map_err(|_| format!("connecting to {addr} timed out"))?
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let server_name =
-        ServerName::try_from(hub.host.trim_matches(|c| c == '[' || c == ']').to_string())
-            .map_err(|_| format!("`{}` is not a valid TLS server name", hub.host))?;
-    let tls = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        TlsConnector::from(hub.tls.clone()).connect(server_name, tcp),
-    )
-    .await
-    .map_err(|_| format!("TLS handshake with {addr} timed out"))?
-    .map_err(|e| {
-        format!("TLS handshake with {addr} failed: {e} (is hub_ca set to the hub's CA?)")
-    })?;
-    let io: BoxedIo = Box::new(tls);
-    let mut request = hub
-        .url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| format!("bad hub URL: {e}"))?;
-    request.headers_mut().insert(
-        SERVICE_HEADER,
-        HeaderValue::from_str(lookup_hash).map_err(|e| e.to_string())?,
-    );
-    let (ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::client_async(request, io))
-        .await
-        .map_err(|_| format!("websocket upgrade with {addr} timed out"))?
-        .map_err(|e| match e {
-            tokio_tungstenite::tungstenite::Error::Http(response)
-                if response.status() == 403 =>
-            {
-                "the hub does not accept this service (unknown or switched-off service id: check service_id)".to_string()
-            }
-            other => format!("websocket upgrade failed: {other}"),
-        })?;
-    Ok(ws)
+        .map_err(|e| e.to_string())
 }
 
 fn now_micros() -> u64 {
