@@ -1,5 +1,16 @@
-//! Admin: the hub's HTTP API for administrators and for `connect sync`. Bearer-token protected,
-//! bound to loopback by default.
+//! Admin: the hub's HTTP API for administrators, `connect sync` and `connect hub status`.
+//! Bearer-token protected, bound to loopback by default.
+//!
+//! - `GET /api/services`: services, on or off, with their connected agents and targets.
+//! - `PUT /api/services/<service>/enabled` `{"enabled": bool}`: switch a service on or off.
+//! - `GET /api/apps`: applications with their Last Sync and the run going now, if any.
+//! - `POST /api/apps/<app>/sync`: run now (or join the run going) and answer its result.
+//! - `GET /api/apps/<app>/runs?before=<run id>&limit=<n>`: runs, newest first.
+//! - `GET /api/apps/<app>/runs/<run id>`: one run.
+//! - `GET /api/apps/<app>/runs/<run id>/operations?after=<seq>&limit=<n>&failed=true`: its
+//!   per-resource operations in plan order.
+//! - `/api/apps/<app>/scim/<path>`: any SCIM request, through the tunnel to the app's server,
+//!   answered unchanged.
 //!
 //! It only reads state and forwards commands to the registry and reconcilers; it never touches
 //! the tunnel or the SCIM servers itself. The token is compared in constant time and never
@@ -18,7 +29,6 @@ use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -27,7 +37,8 @@ use super::supervisor::ReconcilerTable;
 use super::tunnel_transport::TunnelTransport;
 use crate::config::hub::AppConfig;
 use crate::config::Secret;
-use crate::messages::hub::{ReconcilerMsg, RegistryMsg, RunSummary};
+pub use crate::messages::hub::AppStatus;
+use crate::messages::hub::{ReconcilerMsg, ReconcilerStatus, RegistryMsg};
 use crate::scim::error::ScimError;
 use crate::scim::transport::{ScimRequest, Transport};
 use crate::store::Store;
@@ -63,12 +74,8 @@ struct ApiState {
     store: Arc<Store>,
 }
 
-/// One application in `GET /api/apps`.
-#[derive(Debug, Serialize, serde::Deserialize)]
-pub struct AppStatus {
-    pub name: String,
-    pub last_sync: Option<RunSummary>,
-}
+/// How long the API waits for a reconciler's status; it answers at once unless it is gone.
+const STATUS_WAIT: Duration = Duration::from_secs(2);
 
 /// The Admin actor: owns the HTTP server task.
 pub struct Admin;
@@ -124,6 +131,8 @@ fn router(state: ApiState) -> Router {
         .route("/api/services/{service}/enabled", put(set_enabled))
         .route("/api/apps/{app}/sync", post(sync))
         .route("/api/apps/{app}/runs", get(runs))
+        .route("/api/apps/{app}/runs/{run}", get(run))
+        .route("/api/apps/{app}/runs/{run}/operations", get(operations))
         .route("/api/apps/{app}/scim/{*path}", any(pass_through))
         // The pass-through carries SCIM bodies, which can be list pages of some size.
         .layer(axum::extract::DefaultBodyLimit::max(PASS_THROUGH_MAX_BODY))
@@ -186,18 +195,35 @@ async fn apps(State(state): State<ApiState>, headers: HeaderMap) -> Response {
     if !authorized(&state, &headers) {
         return unauthorized();
     }
+    let table = reconcilers(&state);
     let mut list = Vec::new();
-    for (name, reconciler) in reconcilers(&state) {
-        let last_sync = match reconciler
-            .call(ReconcilerMsg::LastRun, Some(Duration::from_secs(2)))
-            .await
-        {
-            Ok(CallResult::Success(last)) => last,
-            _ => None,
+    for app in state.apps.iter() {
+        let reconciler = table.iter().find(|(name, _)| *name == app.name);
+        let status = match reconciler {
+            Some((_, r)) => match r.call(ReconcilerMsg::Status, Some(STATUS_WAIT)).await {
+                Ok(CallResult::Success(status)) => Ok(status),
+                _ => Err("the app's reconciler did not answer"),
+            },
+            None => Err("the app's reconciler is not running"),
+        };
+        let (status, error) = match status {
+            Ok(status) => (status, None),
+            // The history still knows the last run.
+            Err(e) => (
+                ReconcilerStatus {
+                    last: state.store.last_run(&app.name).ok().flatten(),
+                    running_since_unix_ms: None,
+                },
+                Some(e.to_string()),
+            ),
         };
         list.push(AppStatus {
-            name: name.clone(),
-            last_sync,
+            name: app.name.clone(),
+            service: app.service.clone(),
+            target: app.target.clone(),
+            running_since_unix_ms: status.running_since_unix_ms,
+            last_sync: status.last,
+            error,
         });
     }
     Json(list).into_response()
@@ -226,7 +252,7 @@ async fn sync(
         .call(ReconcilerMsg::ForceSync, Some(SYNC_WAIT))
         .await
     {
-        Ok(CallResult::Success(summary)) => Json(summary).into_response(),
+        Ok(CallResult::Success(outcome)) => Json(outcome).into_response(),
         Ok(CallResult::Timeout) => error(
             StatusCode::GATEWAY_TIMEOUT,
             "the run is still going; see GET /api/apps for its result",
@@ -293,6 +319,85 @@ async fn runs(
                 None
             };
             Json(serde_json::json!({ "runs": runs, "next_before": next })).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn no_app(app: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no application `{app}` in hub.toml"),
+    )
+}
+
+async fn run(
+    State(state): State<ApiState>,
+    Path((app, run_id)): Path<(String, i64)>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    if !state.apps.iter().any(|a| a.name == app) {
+        return no_app(&app);
+    }
+    match state.store.run(&app, run_id) {
+        Ok(Some(summary)) => Json(summary).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("no run {run_id} of `{app}` is kept"),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct OpsPage {
+    /// Operations after this position (exclusive); from the first when absent.
+    after: Option<u32>,
+    limit: Option<usize>,
+    /// Only the failed ones.
+    #[serde(default)]
+    failed: bool,
+}
+
+async fn operations(
+    State(state): State<ApiState>,
+    Path((app, run_id)): Path<(String, i64)>,
+    Query(page): Query<OpsPage>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    if !state.apps.iter().any(|a| a.name == app) {
+        return no_app(&app);
+    }
+    // Run ids are global: make sure this one is the app's before listing its operations.
+    match state.store.run(&app, run_id) {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("no run {run_id} of `{app}` is kept"),
+            )
+        }
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+    let limit = page.limit.unwrap_or(100).clamp(1, 1000);
+    match state
+        .store
+        .operations(run_id, page.after, limit, page.failed)
+    {
+        Ok(ops) => {
+            let next = if ops.len() == limit {
+                ops.last().map(|o| o.seq)
+            } else {
+                None
+            };
+            Json(serde_json::json!({ "run_id": run_id, "operations": ops, "next_after": next }))
+                .into_response()
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
