@@ -158,6 +158,13 @@ pub fn describe_run(run: &RunSummary) -> String {
         unmanaged = run.unmanaged,
         failed = run.failed,
     );
+    if run.retries > 0 {
+        let _ = write!(
+            text,
+            " ({} of {} requests were retries)",
+            run.retries, run.requests
+        );
+    }
     if let Some(message) = &run.message {
         text.push_str("\n  cause: ");
         text.push_str(message);

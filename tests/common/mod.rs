@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod deploy;
+pub mod faults;
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -493,6 +494,16 @@ impl Scim2Server {
     /// `GET /v2<path_and_query>` (e.g. `"/Users?count=1000"`), asserting 200, parsed as JSON.
     pub async fn get_json(&self, path_and_query: &str) -> serde_json::Value {
         self.expect_json("GET", path_and_query, None, 200).await
+    }
+
+    /// Every User the server holds (asserting they fit one page of 1000).
+    pub async fn users(&self) -> Vec<serde_json::Value> {
+        let list = self.get_json("/Users?count=1000").await;
+        assert!(
+            list["totalResults"].as_u64().unwrap_or(0) <= 1000,
+            "more users than one page: {list}"
+        );
+        list["Resources"].as_array().cloned().unwrap_or_default()
     }
 
     /// `POST /v2<path>` with `body`, asserting 201 Created; returns the created resource.
