@@ -344,3 +344,89 @@ async fn each_failure_cause_has_its_own_actionable_last_sync_message() {
         assert!(!out.contains(secret), "`{secret}` in hub status");
     }
 }
+
+#[tokio::test]
+async fn the_fault_layer_does_what_its_rules_say() {
+    use common::http_request;
+    let server = Scim2Server::start(None).await;
+    let proxy = FaultProxy::start(server.addr());
+    let addr = proxy.addr;
+    let get = |path: &'static str| async move {
+        http_request(addr, "GET", &format!("/v2{path}"), &[], None).await
+    };
+
+    // No rule: passed through unchanged.
+    assert_eq!(get("/Users").await.unwrap().status, 200);
+    // An answer of its own, limited to its first match and to its query.
+    proxy.add(
+        Rule::new(Fault::retry_after(429, "7"))
+            .method("GET")
+            .query("count=1")
+            .times(1),
+    );
+    let throttled = get("/Users?count=1").await.unwrap();
+    assert_eq!(throttled.status, 429);
+    assert_eq!(throttled.header("retry-after"), Some("7"));
+    assert_eq!(get("/Users?count=2").await.unwrap().status, 200);
+    assert_eq!(get("/Users?count=1").await.unwrap().status, 200, "used up");
+
+    // A connection dropped before, or after, the request reached the server.
+    let user = serde_json::to_vec(&json!({
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "landed"
+    }))
+    .unwrap();
+    let post = |body: Vec<u8>| async move {
+        http_request(
+            addr,
+            "POST",
+            "/v2/Users",
+            &[("Content-Type", "application/scim+json")],
+            Some(&body),
+        )
+        .await
+    };
+    proxy.add(Rule::new(Fault::Drop).method("POST").times(1));
+    assert!(post(user.clone()).await.is_err());
+    assert!(
+        server.users().await.is_empty(),
+        "a dropped request never arrives"
+    );
+    proxy.add(Rule::new(Fault::DropAfterForward).method("POST").times(1));
+    assert!(post(user.clone()).await.is_err());
+    assert_eq!(
+        server.users().await.len(),
+        1,
+        "it arrived, the answer did not"
+    );
+    assert_eq!(proxy.forwarded("POST", "/Users"), 1);
+    assert_eq!(proxy.seen("POST", "/Users")[0].body, user);
+
+    // Slow, cut, oversized, silent.
+    proxy.add(
+        Rule::new(Fault::Delay(Duration::from_millis(400)))
+            .path("/ServiceProviderConfig")
+            .times(1),
+    );
+    let started = std::time::Instant::now();
+    assert_eq!(get("/ServiceProviderConfig").await.unwrap().status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    proxy.add(Rule::new(Fault::CloseMidResponse).path("/Schemas").times(1));
+    let cut = get("/Schemas").await.unwrap_err();
+    assert!(cut.contains("shorter than Content-Length"), "{cut}");
+    proxy.add(
+        Rule::new(Fault::Oversized { bytes: 300_000 })
+            .path("/Groups")
+            .times(1),
+    );
+    assert_eq!(get("/Groups").await.unwrap().body.len(), 300_000);
+    proxy.add(
+        Rule::new(Fault::NeverAnswer)
+            .path("/ResourceTypes")
+            .times(1),
+    );
+    let silent = tokio::time::timeout(Duration::from_millis(500), get("/ResourceTypes")).await;
+    assert!(silent.is_err(), "no answer: {silent:?}");
+    assert!(proxy.max_in_flight() >= 1);
+    proxy.clear();
+    assert_eq!(get("/ResourceTypes").await.unwrap().status, 200);
+}
