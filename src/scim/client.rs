@@ -216,16 +216,11 @@ impl ScimClient {
         &self,
         user_name: &str,
     ) -> Result<Option<ScimUser>, ScimError> {
-        let path = format!("{}/Users", self.base_path);
-        let filter = format!("userName eq {}", filter_string(user_name));
-        let query = format!("{path}?filter={}", utf8_percent_encode(&filter, COMPONENT));
-        let response = self.call(Method::GET, &query, None).await?;
-        let page: ListResponse<ScimUser> = parse(&response, &path)?;
-        // Checked again here: a server that ignores `filter` returns everyone.
-        Ok(page
-            .resources
-            .into_iter()
-            .find(|u| u.user_name.to_lowercase() == user_name.to_lowercase()))
+        let wanted = user_name.to_lowercase();
+        self.find_user_where("userName", user_name, |u| {
+            u.user_name.to_lowercase() == wanted
+        })
+        .await
     }
 
     /// The User whose `externalId` equals `external_id` exactly (RFC 7643 makes it
@@ -234,15 +229,27 @@ impl ScimClient {
         &self,
         external_id: &str,
     ) -> Result<Option<ScimUser>, ScimError> {
+        self.find_user_where("externalId", external_id, |u| {
+            u.external_id.as_deref() == Some(external_id)
+        })
+        .await
+    }
+
+    /// `GET Users?filter=<attribute> eq "<value>"`, then the first listed user for which
+    /// `is_it` holds: checked again here, since a server that ignores `filter` returns
+    /// everyone.
+    async fn find_user_where(
+        &self,
+        attribute: &str,
+        value: &str,
+        is_it: impl Fn(&ScimUser) -> bool,
+    ) -> Result<Option<ScimUser>, ScimError> {
         let path = format!("{}/Users", self.base_path);
-        let filter = format!("externalId eq {}", filter_string(external_id));
+        let filter = format!("{attribute} eq {}", filter_string(value));
         let query = format!("{path}?filter={}", utf8_percent_encode(&filter, COMPONENT));
         let response = self.call(Method::GET, &query, None).await?;
         let page: ListResponse<ScimUser> = parse(&response, &path)?;
-        Ok(page
-            .resources
-            .into_iter()
-            .find(|u| u.external_id.as_deref() == Some(external_id)))
+        Ok(page.resources.into_iter().find(|u| is_it(u)))
     }
 
     /// The User this hub means by `external_id` / `user_name`: by externalId first (the

@@ -208,12 +208,15 @@ impl Store {
             )
             .optional()
         })?;
-        Ok(row.and_then(|(id, json)| {
-            let mut summary: RunSummary = serde_json::from_str(&json).ok()?;
-            summary.run_id = id;
-            Some(summary)
-        }))
+        Ok(row.and_then(|(id, json)| summary_of(id, &json)))
     }
+}
+
+/// A stored run's summary with its id; `None` when the stored JSON is unreadable.
+fn summary_of(run_id: i64, json: &str) -> Option<RunSummary> {
+    let mut summary: RunSummary = serde_json::from_str(json).ok()?;
+    summary.run_id = run_id;
+    Some(summary)
 }
 
 impl Store {
@@ -236,11 +239,7 @@ impl Store {
         })?;
         Ok(rows
             .into_iter()
-            .filter_map(|(id, json)| {
-                let mut summary: RunSummary = serde_json::from_str(&json).ok()?;
-                summary.run_id = id;
-                Some(summary)
-            })
+            .filter_map(|(id, json)| summary_of(id, &json))
             .collect())
     }
 }
@@ -256,11 +255,7 @@ impl Store {
             )
             .optional()
         })?;
-        Ok(json.and_then(|json| {
-            let mut summary: RunSummary = serde_json::from_str(&json).ok()?;
-            summary.run_id = run_id;
-            Some(summary)
-        }))
+        Ok(json.and_then(|json| summary_of(run_id, &json)))
     }
 
     /// Operations of run `run_id` in plan order, after position `after` (exclusive) when given;

@@ -38,7 +38,7 @@ use super::tunnel_transport::TunnelTransport;
 use crate::config::hub::AppConfig;
 use crate::config::Secret;
 pub use crate::messages::hub::AppStatus;
-use crate::messages::hub::{ReconcilerMsg, ReconcilerStatus, RegistryMsg};
+use crate::messages::hub::{ReconcilerMsg, ReconcilerStatus, RegistryMsg, RunSummary};
 use crate::scim::error::ScimError;
 use crate::scim::transport::{ScimRequest, Transport};
 use crate::store::Store;
@@ -335,11 +335,23 @@ async fn runs(
     }
 }
 
-fn no_app(app: &str) -> Response {
-    error(
-        StatusCode::NOT_FOUND,
-        format!("no application `{app}` in hub.toml"),
-    )
+/// Run `run_id` of `app`, or the status and message that say why there is none. Run ids are
+/// global, so this is also what makes sure a run belongs to the app it is asked under.
+fn app_run(state: &ApiState, app: &str, run_id: i64) -> Result<RunSummary, (StatusCode, String)> {
+    if !state.apps.iter().any(|a| a.name == app) {
+        return Err((
+            StatusCode::NOT_FOUND,
+            format!("no application `{app}` in hub.toml"),
+        ));
+    }
+    match state.store.run(app, run_id) {
+        Ok(Some(summary)) => Ok(summary),
+        Ok(None) => Err((
+            StatusCode::NOT_FOUND,
+            format!("no run {run_id} of `{app}` is kept"),
+        )),
+        Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
 }
 
 async fn run(
@@ -350,16 +362,9 @@ async fn run(
     if !authorized(&state, &headers) {
         return unauthorized();
     }
-    if !state.apps.iter().any(|a| a.name == app) {
-        return no_app(&app);
-    }
-    match state.store.run(&app, run_id) {
-        Ok(Some(summary)) => Json(summary).into_response(),
-        Ok(None) => error(
-            StatusCode::NOT_FOUND,
-            format!("no run {run_id} of `{app}` is kept"),
-        ),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    match app_run(&state, &app, run_id) {
+        Ok(summary) => Json(summary).into_response(),
+        Err((status, message)) => error(status, message),
     }
 }
 
@@ -382,19 +387,8 @@ async fn operations(
     if !authorized(&state, &headers) {
         return unauthorized();
     }
-    if !state.apps.iter().any(|a| a.name == app) {
-        return no_app(&app);
-    }
-    // Run ids are global: make sure this one is the app's before listing its operations.
-    match state.store.run(&app, run_id) {
-        Ok(Some(_)) => {}
-        Ok(None) => {
-            return error(
-                StatusCode::NOT_FOUND,
-                format!("no run {run_id} of `{app}` is kept"),
-            )
-        }
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    if let Err((status, message)) = app_run(&state, &app, run_id) {
+        return error(status, message);
     }
     let limit = page.limit.unwrap_or(100).clamp(1, 1000);
     match state
