@@ -382,3 +382,29 @@ async fn services_switch_status_and_the_scim_pass_through() {
     assert!(out.contains("cannot reach the hub's admin API"), "{out}");
     assert!(!out.contains(ADMIN_TOKEN), "{out}");
 }
+
+#[test]
+fn hub_status_names_a_missing_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere.toml");
+    for args in [
+        vec!["hub", "status", "--config", missing.to_str().unwrap()],
+        // The hub's own --config is the default for status.
+        vec![
+            "hub",
+            "--config",
+            missing.to_str().unwrap(),
+            "status",
+            "--json",
+        ],
+    ] {
+        let out = std::process::Command::new(common::connect_bin())
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("nowhere.toml"), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+    }
+}

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::task::JoinHandle;
+use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
 use super::tunnel_transport::TunnelTransport;
@@ -48,7 +48,8 @@ struct Running {
     started_unix_ms: u64,
     /// Forced syncs waiting for this run, each marked whether it joined a run it did not start.
     waiters: Vec<(RpcReplyPort<SyncOutcome>, bool)>,
-    task: JoinHandle<()>,
+    /// The run itself, to stop it with the actor.
+    task: AbortHandle,
 }
 
 /// Schedule, last result and current run of one application.
@@ -170,10 +171,11 @@ fn start_run(
     let started = SystemTime::now();
     let args = state.args.clone();
     let me = myself.clone();
-    let task = tokio::spawn(async move {
-        let app = args.app.name.clone();
-        let run = tokio::spawn(async move { run_once(&args, started).await }).await;
-        let summary = run.unwrap_or_else(|e| {
+    let app = args.app.name.clone();
+    let run = tokio::spawn(async move { run_once(&args, started).await });
+    let task = run.abort_handle();
+    tokio::spawn(async move {
+        let summary = run.await.unwrap_or_else(|e| {
             warn!(app = %app, "the run failed inside the hub: {e}");
             RunSummary {
                 app,
