@@ -1,14 +1,18 @@
-//! Client side of the hub's admin API, used by `connect sync` and the demo: one HTTP request
-//! per call over a fresh loopback connection, and the one-paragraph rendering of a run.
+//! Client side of the hub's admin API, used by `connect sync`, `connect hub status` and the
+//! demo: one HTTP request per call over a fresh loopback connection, and the renderings an
+//! administrator reads (a run, the hub's status). It never prints the admin token.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
 
 use crate::config::Secret;
-use crate::messages::hub::RunSummary;
+use crate::messages::hub::{AppStatus, RunSummary, ServiceStatus, SyncOutcome};
 
 /// Why the admin API could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -27,16 +31,65 @@ pub async fn force_sync(
     token: &Secret,
     app: &str,
 ) -> Result<RunSummary, AdminClientError> {
-    let body = request(addr, token, "POST", &format!("/api/apps/{app}/sync")).await?;
-    serde_json::from_slice(&body).map_err(|e| AdminClientError::BadAnswer(e.to_string()))
+    sync_now(addr, token, app).await.map(|o| o.run)
 }
 
-/// Sends one request to the admin API and returns the body of a 2xx answer.
+/// Asks the hub to synchronise `app` now, or to join the run already going, and waits for
+/// that run's result.
+pub async fn sync_now(
+    addr: SocketAddr,
+    token: &Secret,
+    app: &str,
+) -> Result<SyncOutcome, AdminClientError> {
+    let body = request(addr, token, "POST", &format!("/api/apps/{app}/sync")).await?;
+    parse(&body)
+}
+
+/// Everything `connect hub status` shows: services with their agents, apps with Last Sync.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HubStatus {
+    pub services: Vec<ServiceStatus>,
+    pub apps: Vec<AppStatus>,
+}
+
+impl HubStatus {
+    /// Healthy when no application's last sync failed and no reconciler is missing.
+    pub fn healthy(&self) -> bool {
+        self.apps
+            .iter()
+            .all(|a| a.error.is_none() && a.last_sync.as_ref().is_none_or(|r| r.ok))
+    }
+}
+
+/// Reads the hub's status through the admin API.
+pub async fn hub_status(addr: SocketAddr, token: &Secret) -> Result<HubStatus, AdminClientError> {
+    let services = parse(&request(addr, token, "GET", "/api/services").await?)?;
+    let apps = parse(&request(addr, token, "GET", "/api/apps").await?)?;
+    Ok(HubStatus { services, apps })
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, AdminClientError> {
+    serde_json::from_slice(body).map_err(|e| AdminClientError::BadAnswer(e.to_string()))
+}
+
+/// Sends one request without a body to the admin API and returns the body of a 2xx answer.
 pub async fn request(
     addr: SocketAddr,
     token: &Secret,
     method: &str,
     path: &str,
+) -> Result<Bytes, AdminClientError> {
+    request_json(addr, token, method, path, None).await
+}
+
+/// Sends one request to the admin API, with `body` as JSON when given, and returns the body
+/// of a 2xx answer.
+pub async fn request_json(
+    addr: SocketAddr,
+    token: &Secret,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
 ) -> Result<Bytes, AdminClientError> {
     let unreachable = |detail: String| AdminClientError::Unreachable { addr, detail };
     let tcp = tokio::net::TcpStream::connect(addr)
@@ -47,15 +100,23 @@ pub async fn request(
         .await
         .map_err(|e| unreachable(e.to_string()))?;
     let driver = tokio::spawn(conn);
-    let request = hyper::Request::builder()
+    let mut builder = hyper::Request::builder()
         .method(method)
         .uri(path)
         .header(hyper::header::HOST, addr.to_string())
         .header(
             hyper::header::AUTHORIZATION,
             format!("Bearer {}", token.expose()),
-        )
-        .body(Full::new(Bytes::new()))
+        );
+    let payload = match body {
+        Some(value) => {
+            builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+            Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+        }
+        None => Bytes::new(),
+    };
+    let request = builder
+        .body(Full::new(payload))
         .map_err(|e| AdminClientError::BadAnswer(e.to_string()))?;
     let response = sender
         .send_request(request)
@@ -82,10 +143,11 @@ pub async fn request(
 /// A run as an administrator reads it: counts on one line, then the cause when it failed.
 pub fn describe_run(run: &RunSummary) -> String {
     let mut text = format!(
-        "{app}: {verdict} in {ms} ms — desired {desired}, created {created}, updated {updated}, deprovisioned {deprov} (deactivated {deact}, deleted {del}), unchanged {unchanged}, unmanaged {unmanaged}, failed {failed}",
+        "{app}: {verdict} in {ms} ms (run {id}) — desired {desired}, created {created}, updated {updated}, deprovisioned {deprov} (deactivated {deact}, deleted {del}), unchanged {unchanged}, unmanaged {unmanaged}, failed {failed}",
         app = run.app,
         verdict = if run.ok { "sync ok" } else { "sync FAILED" },
         ms = run.duration_ms,
+        id = run.run_id,
         desired = run.desired,
         created = run.created,
         updated = run.updated,
@@ -96,9 +158,222 @@ pub fn describe_run(run: &RunSummary) -> String {
         unmanaged = run.unmanaged,
         failed = run.failed,
     );
+    if run.retries > 0 {
+        let _ = write!(
+            text,
+            " ({} of {} requests were retries)",
+            run.retries, run.requests
+        );
+    }
     if let Some(message) = &run.message {
         text.push_str("\n  cause: ");
         text.push_str(message);
     }
     text
+}
+
+/// A forced sync's result; says so first when it joined a run that was already going.
+pub fn describe_sync(outcome: &SyncOutcome) -> String {
+    let run = describe_run(&outcome.run);
+    if outcome.joined {
+        format!(
+            "a run of `{}` was already going; its result:\n{run}",
+            outcome.run.app
+        )
+    } else {
+        run
+    }
+}
+
+/// The hub's status as `connect hub status` prints it: services and their agents, then each
+/// application's run going now and Last Sync (with its cause when it failed).
+pub fn describe_status(status: &HubStatus, now: SystemTime) -> String {
+    let now_ms = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    let mut out = String::from("services\n");
+    if status.services.is_empty() {
+        out.push_str("  (none in hub.toml)\n");
+    }
+    for s in &status.services {
+        let agents = match s.agents.len() {
+            0 => "no agent connected".to_string(),
+            1 => "1 agent connected".to_string(),
+            n => format!("{n} agents connected"),
+        };
+        let _ = writeln!(
+            out,
+            "  {}  {}  {agents}",
+            s.name,
+            if s.enabled { "on" } else { "OFF" }
+        );
+        for a in &s.agents {
+            let targets = if a.targets.is_empty() {
+                "no targets".to_string()
+            } else {
+                format!("targets {}", a.targets.join(", "))
+            };
+            let _ = writeln!(
+                out,
+                "    {} from {}, connected {} ago, {targets}",
+                a.agent_name,
+                a.peer,
+                ago(a.connected_since_unix.saturating_mul(1000), now_ms)
+            );
+        }
+    }
+    out.push_str("apps\n");
+    if status.apps.is_empty() {
+        out.push_str("  (none in hub.toml)\n");
+    }
+    for a in &status.apps {
+        let _ = writeln!(
+            out,
+            "  {}  via service {}, target {}",
+            a.name, a.service, a.target
+        );
+        if let Some(e) = &a.error {
+            let _ = writeln!(out, "    {e}");
+        }
+        if let Some(since) = a.running_since_unix_ms {
+            let _ = writeln!(out, "    running for {}", ago(since, now_ms));
+        }
+        match &a.last_sync {
+            None => out.push_str("    last sync: none yet\n"),
+            Some(run) => {
+                let _ = writeln!(
+                    out,
+                    "    last sync: {} {} ago (run {}, {} ms): created {}, updated {}, deprovisioned {}, unchanged {}, failed {}",
+                    if run.ok { "ok" } else { "FAILED" },
+                    ago(run.started_unix_ms.saturating_add(run.duration_ms), now_ms),
+                    run.run_id,
+                    run.duration_ms,
+                    run.created,
+                    run.updated,
+                    run.deprovisioned(),
+                    run.unchanged,
+                    run.failed,
+                );
+                if let Some(m) = &run.message {
+                    let _ = writeln!(out, "      cause: {m}");
+                }
+            }
+        }
+    }
+    out.trim_end().to_string()
+}
+
+/// How long ago `then_ms` was, coarsely: `42s`, `5m 3s`, `2h 5m`, `3d 4h`.
+fn ago(then_ms: u64, now_ms: u64) -> String {
+    let secs = Duration::from_millis(now_ms.saturating_sub(then_ms)).as_secs();
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m {}s", secs / 60, secs % 60),
+        3600..86400 => format!("{}h {}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d {}h", secs / 86400, secs % 86400 / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::hub::AgentStatus;
+
+    #[test]
+    fn status_names_agents_targets_and_the_cause_of_a_failed_sync() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let status = HubStatus {
+            services: vec![
+                ServiceStatus {
+                    name: "onprem".into(),
+                    enabled: true,
+                    agents: vec![AgentStatus {
+                        session_id: 1,
+                        agent_name: "vm-1".into(),
+                        peer: "127.0.0.1:5000".into(),
+                        targets: vec!["crm-scim".into(), "wiki-scim".into()],
+                        connected_since_unix: 1_000_000 - 125,
+                    }],
+                },
+                ServiceStatus {
+                    name: "idle".into(),
+                    enabled: false,
+                    agents: vec![],
+                },
+            ],
+            apps: vec![
+                AppStatus {
+                    name: "crm".into(),
+                    service: "onprem".into(),
+                    target: "crm-scim".into(),
+                    running_since_unix_ms: Some(1_000_000_000 - 3_000),
+                    last_sync: Some(RunSummary {
+                        app: "crm".into(),
+                        run_id: 7,
+                        started_unix_ms: 1_000_000_000 - 10_000,
+                        duration_ms: 500,
+                        ok: false,
+                        failed: 1,
+                        message: Some("forbidden (403) on POST /v2/Users".into()),
+                        ..Default::default()
+                    }),
+                    error: None,
+                },
+                AppStatus {
+                    name: "wiki".into(),
+                    service: "idle".into(),
+                    target: "wiki-scim".into(),
+                    running_since_unix_ms: None,
+                    last_sync: None,
+                    error: None,
+                },
+            ],
+        };
+        let text = describe_status(&status, now);
+        for want in [
+            "  onprem  on  1 agent connected",
+            "    vm-1 from 127.0.0.1:5000, connected 2m 5s ago, targets crm-scim, wiki-scim",
+            "  idle  OFF  no agent connected",
+            "  crm  via service onprem, target crm-scim",
+            "    running for 3s",
+            "    last sync: FAILED 9s ago (run 7, 500 ms): created 0",
+            "      cause: forbidden (403) on POST /v2/Users",
+            "  wiki  via service idle, target wiki-scim\n    last sync: none yet",
+        ] {
+            assert!(text.contains(want), "`{want}` missing in:\n{text}");
+        }
+        assert!(!status.healthy());
+    }
+
+    #[test]
+    fn a_joined_sync_says_so() {
+        let outcome = SyncOutcome {
+            run: RunSummary {
+                app: "crm".into(),
+                ok: true,
+                ..Default::default()
+            },
+            joined: true,
+        };
+        let text = describe_sync(&outcome);
+        assert!(
+            text.starts_with("a run of `crm` was already going; its result:\ncrm: sync ok"),
+            "{text}"
+        );
+        let fresh = describe_sync(&SyncOutcome {
+            joined: false,
+            ..outcome
+        });
+        assert!(fresh.starts_with("crm: sync ok"), "{fresh}");
+    }
+
+    #[test]
+    fn ago_is_coarse() {
+        assert_eq!(ago(0, 59_999), "59s");
+        assert_eq!(ago(0, 61_000), "1m 1s");
+        assert_eq!(ago(0, 7_380_000), "2h 3m");
+        assert_eq!(ago(0, 90_000_000), "1d 1h");
+        assert_eq!(ago(5_000, 1_000), "0s", "a clock step back is not negative");
+    }
 }

@@ -63,6 +63,8 @@ enum Command {
         /// Hub configuration file.
         #[arg(long, default_value = "hub.toml")]
         config: PathBuf,
+        #[command(subcommand)]
+        action: Option<HubAction>,
     },
     /// Run a full synchronisation of one application now and print its result.
     Sync {
@@ -80,6 +82,21 @@ enum Command {
         /// Keep the demo's folder (configs, certificates, directory, hub state) after it ends.
         #[arg(long)]
         keep: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum HubAction {
+    /// Ask the running hub (admin API) for its services, connected agents and targets, and
+    /// each application's run and Last Sync. Exit 0 when no app's last sync failed.
+    Status {
+        /// Hub configuration file (for the admin API address and token); default: the one
+        /// given to `connect hub`, else hub.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of the readable listing.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -109,7 +126,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(normalise_args());
     let quiet = matches!(
         cli.command,
-        Command::Demo { .. } | Command::Sync { .. } | Command::SetTarget { .. }
+        Command::Demo { .. }
+            | Command::Sync { .. }
+            | Command::SetTarget { .. }
+            | Command::Hub {
+                action: Some(_),
+                ..
+            }
     );
     logging::init(if quiet { "warn" } else { "info" });
     match cli.command {
@@ -140,7 +163,14 @@ fn main() -> ExitCode {
             },
         ),
         Command::Run { config } => runtime().block_on(run_agent(config)),
-        Command::Hub { config } => runtime().block_on(run_hub(config)),
+        Command::Hub {
+            config,
+            action: None,
+        } => runtime().block_on(run_hub(config)),
+        Command::Hub {
+            config,
+            action: Some(HubAction::Status { config: own, json }),
+        } => runtime().block_on(hub_status(own.unwrap_or(config), json)),
         Command::Sync { app, config } => runtime().block_on(sync(app, config)),
         Command::Demo { users, keep } => runtime().block_on(async move {
             match demo::run::run(users, keep).await {
@@ -245,10 +275,10 @@ async fn sync(app: String, path: PathBuf) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match admin_client::force_sync(config.admin.listen, &config.admin.token, &app).await {
-        Ok(summary) => {
-            println!("{}", admin_client::describe_run(&summary));
-            if summary.ok {
+    match admin_client::sync_now(config.admin.listen, &config.admin.token, &app).await {
+        Ok(outcome) => {
+            println!("{}", admin_client::describe_sync(&outcome));
+            if outcome.run.ok {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -258,6 +288,43 @@ async fn sync(app: String, path: PathBuf) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+async fn hub_status(path: PathBuf, json: bool) -> ExitCode {
+    let config = match HubConfig::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let status = match admin_client::hub_status(config.admin.listen, &config.admin.token).await {
+        Ok(status) => status,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&status) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("error: cannot render the status as JSON: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        println!(
+            "hub admin API {}\n{}",
+            config.admin.listen,
+            admin_client::describe_status(&status, std::time::SystemTime::now())
+        );
+    }
+    if status.healthy() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -36,6 +36,7 @@
 //! grant_users = ["alice"]
 //! page_size = 100
 //! request_timeout = "30s"
+//! concurrency = 8                # SCIM requests in flight at once for this app
 //! ```
 
 use std::collections::BTreeMap;
@@ -60,6 +61,10 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8089";
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
 /// SCIM page size when an app gives none.
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
+/// SCIM requests one app may have in flight when it gives no `concurrency`.
+pub const DEFAULT_CONCURRENCY: usize = 8;
+/// Largest `concurrency` accepted: more only invites 429s from the SCIM server.
+pub const MAX_CONCURRENCY: usize = 64;
 /// Per-request timeout when an app gives none.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -131,6 +136,8 @@ pub struct AppConfig {
     pub page_size: u32,
     /// Timeout of one SCIM request, end to end.
     pub request_timeout: Duration,
+    /// SCIM requests in flight at once, 1..=[`MAX_CONCURRENCY`].
+    pub concurrency: usize,
 }
 
 /// A parsed SCIM base URL.
@@ -412,6 +419,7 @@ struct RawApp {
     grant_users: Option<Spanned<Vec<String>>>,
     page_size: Option<Spanned<i64>>,
     request_timeout: Option<Spanned<RawDuration>>,
+    concurrency: Option<Spanned<i64>>,
 }
 
 /// Builds errors for one file, turning byte spans into lines.
@@ -829,6 +837,22 @@ fn build_app(
         },
     };
 
+    let concurrency = match &a.concurrency {
+        None => DEFAULT_CONCURRENCY,
+        Some(n) => match usize::try_from(*n.get_ref()) {
+            Ok(n) if (1..=MAX_CONCURRENCY).contains(&n) => n,
+            _ => {
+                return Err(ctx.invalid(
+                    n,
+                    &k("concurrency"),
+                    Some(&n.get_ref().to_string()),
+                    format!("outside 1..={MAX_CONCURRENCY}"),
+                    "pick how many SCIM requests may be in flight at once (8 is typical; 1 for a fragile server)",
+                ))
+            }
+        },
+    };
+
     let list =
         |v: &Option<Spanned<Vec<String>>>, field: &str| -> Result<Vec<String>, ConfigError> {
             let Some(v) = v else { return Ok(Vec::new()) };
@@ -860,6 +884,7 @@ fn build_app(
         grant,
         page_size,
         request_timeout,
+        concurrency,
     })
 }
 
@@ -1018,6 +1043,7 @@ mod tests {
         assert_eq!(a.interval, DEFAULT_INTERVAL);
         assert_eq!(a.page_size, 100);
         assert_eq!(a.request_timeout, Duration::from_secs(30));
+        assert_eq!(a.concurrency, DEFAULT_CONCURRENCY);
         assert!(!a.skip_tls_check);
         assert_eq!(a.grant, AccessRule::default());
         assert!(c.app("nope").is_none() && c.service("nope").is_none());
@@ -1032,7 +1058,7 @@ mod tests {
         let text = format!(
             "{}[apps.hr]\nbase_url = \"http://[fd00::5]/\"\nservice = \"acme\"\ntarget = \"hr\"\nauth = \"basic\"\nusername = \"svc\"\npassword = \"pw-xyz\"\n\
              skip_tls_check = true\ndeprovision = \"delete\"\ninterval = \"1h30m\"\ngrant_groups = [\"Engineering\", \"g-2\"]\ngrant_users = [\"alice\"]\n\
-             page_size = 500\nrequest_timeout = 45\n\n[apps.open]\nbase_url = \"https://scim.example.com\"\nservice = \"acme\"\ntarget = \"t\"\nauth = \"none\"\n",
+             page_size = 500\nrequest_timeout = 45\nconcurrency = 2\n\n[apps.open]\nbase_url = \"https://scim.example.com\"\nservice = \"acme\"\ntarget = \"t\"\nauth = \"none\"\n",
             head()
         );
         let c = HubConfig::parse(&text, &p()).unwrap();
@@ -1057,6 +1083,7 @@ mod tests {
         assert_eq!(a.grant.users, ["alice"]);
         assert_eq!(a.page_size, 500);
         assert_eq!(a.request_timeout, Duration::from_secs(45));
+        assert_eq!(a.concurrency, 2);
         assert_eq!(
             a.auth.authorization().unwrap().expose(),
             "Basic c3ZjOnB3LXh5eg=="
@@ -1227,6 +1254,8 @@ mod tests {
             ("request_timeout = \"1h\"\n", ":19: `apps.crm.request_timeout`: 3600 s is outside"),
             ("page_size = 0\n", ":19: `apps.crm.page_size` = \"0\": outside 1..=1000"),
             ("page_size = 1001\n", "outside 1..=1000"),
+            ("concurrency = 0\n", ":19: `apps.crm.concurrency` = \"0\": outside 1..=64"),
+            ("concurrency = 65\n", "outside 1..=64; pick how many SCIM requests"),
             ("grant_users = [\"\"]\n", ":19: `apps.crm.grant_users`: an entry is empty"),
             ("username = \"u\"\n", ":19: `apps.crm.username`: is set but auth = \"bearer\" does not use it; remove it, or change auth"),
         ];

@@ -116,12 +116,33 @@ pub struct AgentStatus {
 pub enum ReconcilerMsg {
     /// The schedule says it is time for a run.
     Tick,
-    /// Run now and reply with the result.
-    ForceSync(RpcReplyPort<RunSummary>),
-    /// The most recent run, if any.
+    /// Run now, or join the run already going, and reply with its result.
+    ForceSync(RpcReplyPort<SyncOutcome>),
+    /// The most recent finished run, if any.
     LastRun(RpcReplyPort<Option<RunSummary>>),
+    /// The most recent finished run and the run going now, if any.
+    Status(RpcReplyPort<ReconcilerStatus>),
     /// An agent advertising this app's target just registered.
     ConnectorAvailable,
+    /// The run task finished (sent by the reconciler's own run task).
+    RunFinished(Box<RunSummary>),
+}
+
+/// The answer to a forced sync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncOutcome {
+    #[serde(flatten)]
+    pub run: RunSummary,
+    /// True when a run was already going and this caller got its result instead of a new run.
+    pub joined: bool,
+}
+
+/// What a reconciler is doing, for the admin API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReconcilerStatus {
+    pub last: Option<RunSummary>,
+    /// When the run going now started (Unix ms), if one is.
+    pub running_since_unix_ms: Option<u64>,
 }
 
 /// The outcome of one reconciliation run, as stored and shown to the administrator.
@@ -141,6 +162,9 @@ pub struct RunSummary {
     pub unmanaged: usize,
     pub failed: usize,
     pub requests: usize,
+    /// Of those requests, how many were retries of a transient fault or a throttled answer.
+    #[serde(default)]
+    pub retries: usize,
     /// The one actionable line when the run failed or had failures.
     pub message: Option<String>,
 }
@@ -150,4 +174,69 @@ impl RunSummary {
     pub fn deprovisioned(&self) -> usize {
         self.deactivated + self.deleted
     }
+}
+
+/// One application in the admin API's `GET /api/apps`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppStatus {
+    pub name: String,
+    pub service: String,
+    pub target: String,
+    /// When the run going now started (Unix ms), if one is.
+    pub running_since_unix_ms: Option<u64>,
+    pub last_sync: Option<RunSummary>,
+    /// Set when the app's reconciler did not answer (it is being restarted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The kind of resource an operation touched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResourceKind {
+    User,
+    Group,
+}
+
+/// What a run set out to do to one resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationAction {
+    /// POST of a new resource.
+    Create,
+    /// A resource that already existed (matched, a 409 on create, or found after a lost answer)
+    /// taken over and brought to its desired state.
+    Adopt,
+    /// PATCH of what changed.
+    Update,
+    /// `active = false`.
+    Deactivate,
+    /// DELETE.
+    Delete,
+}
+
+/// How one operation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationOutcome {
+    Done,
+    Failed,
+    /// Not attempted: an earlier failure would have failed it too, so the run stopped.
+    Skipped,
+}
+
+/// One per-resource operation of a run, as stored in the hub's history. Plain data: the sync
+/// code produces these, the store keeps them, the admin API pages through them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationRecord {
+    pub resource: ResourceKind,
+    pub action: OperationAction,
+    pub outcome: OperationOutcome,
+    /// The hub's identifier (the directory id, sent as `externalId`), when known.
+    pub external_id: Option<String>,
+    /// The SCIM server's `id`, when known.
+    pub scim_id: Option<String>,
+    /// `userName` of a user, `displayName` of a group, when known.
+    pub name: Option<String>,
+    /// Why it failed (the actionable line), or a note on how it succeeded.
+    pub message: Option<String>,
 }

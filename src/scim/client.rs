@@ -1,21 +1,28 @@
 //! A SCIM 2.0 client for Users over an abstract [`Transport`].
 //!
-//! It owns how requests are shaped (paths, headers, filters, pagination) and how answers are
-//! checked. It must never open a socket itself, never decide what to provision, and never
-//! reveal the `Authorization` value (not in `Debug`, not in errors).
+//! It owns how requests are shaped (paths, headers, filters, pagination), how answers are
+//! checked, and the request layer every caller gets for free: at most `max_in_flight` requests
+//! at once, retries of transient faults by the rules of [`crate::scim::retry`], and a pause of
+//! the whole client while the server's `Retry-After` runs. It must never open a socket itself,
+//! never decide what to provision, never send a non-idempotent request twice when the first
+//! may have landed, and never reveal the `Authorization` value (not in `Debug`, not in errors).
 
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use http::Method;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::de::DeserializeOwned;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use crate::scim::error::ScimError;
 use crate::scim::resources::{ListResponse, PatchOp, PatchRequest, ScimErrorBody, ScimUser};
-use crate::scim::transport::{ScimRequest, ScimResponse, Transport};
+use crate::scim::retry::{Attempts, Idempotency, RetryPolicy, Verdict};
+use crate::scim::transport::{ScimRequest, ScimResponse, Transport, TransportError};
 
 /// Media type of SCIM bodies (RFC 7644 §3.1).
 pub const SCIM_CONTENT_TYPE: &str = "application/scim+json";
@@ -37,7 +44,13 @@ pub struct ScimClient {
     base_path: String,
     authorization: Option<String>,
     page_size: u32,
+    retry: RetryPolicy,
+    /// Bounds the requests in flight; `None` leaves it to the caller.
+    in_flight: Option<Semaphore>,
+    /// No request leaves before this instant: the server asked the whole client to wait.
+    pause_until: Mutex<Option<Instant>>,
     requests: AtomicUsize,
+    retries: AtomicUsize,
 }
 
 impl fmt::Debug for ScimClient {
@@ -49,6 +62,7 @@ impl fmt::Debug for ScimClient {
                 &self.authorization.as_ref().map(|_| "<redacted>"),
             )
             .field("page_size", &self.page_size)
+            .field("retry", &self.retry)
             .finish_non_exhaustive()
     }
 }
@@ -74,8 +88,25 @@ impl ScimClient {
             base_path,
             authorization,
             page_size: page_size.clamp(1, MAX_PAGE_SIZE),
+            retry: RetryPolicy::default(),
+            in_flight: None,
+            pause_until: Mutex::new(None),
             requests: AtomicUsize::new(0),
+            retries: AtomicUsize::new(0),
         }
+    }
+
+    /// Retries by `policy` instead of [`RetryPolicy::default`].
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// At most `limit` (at least 1) requests of this client in flight at once, whatever its
+    /// callers do concurrently.
+    pub fn with_max_in_flight(mut self, limit: usize) -> Self {
+        self.in_flight = Some(Semaphore::new(limit.max(1)));
+        self
     }
 
     /// The base path requests are sent under.
@@ -83,9 +114,14 @@ impl ScimClient {
         &self.base_path
     }
 
-    /// How many requests this client has sent so far.
+    /// How many requests this client has sent so far, retries included.
     pub fn request_count(&self) -> usize {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// How many of those requests were retries.
+    pub fn retry_count(&self) -> usize {
+        self.retries.load(Ordering::Relaxed)
     }
 
     /// Every User the server holds, page by page until `totalResults` is reached.
@@ -158,9 +194,14 @@ impl ScimClient {
     pub async fn patch_user(&self, id: &str, ops: &[PatchOp]) -> Result<(), ScimError> {
         let path = self.user_path(id);
         let body = PatchRequest::new(ops.to_vec());
-        self.call(Method::PATCH, &path, Some(to_json(&body)))
-            .await
-            .map(drop)
+        self.call_with(
+            Method::PATCH,
+            &path,
+            Some(to_json(&body)),
+            Idempotency::of_patch(ops),
+        )
+        .await
+        .map(drop)
     }
 
     /// DELETE a User.
@@ -175,16 +216,55 @@ impl ScimClient {
         &self,
         user_name: &str,
     ) -> Result<Option<ScimUser>, ScimError> {
+        let wanted = user_name.to_lowercase();
+        self.find_user_where("userName", user_name, |u| {
+            u.user_name.to_lowercase() == wanted
+        })
+        .await
+    }
+
+    /// The User whose `externalId` equals `external_id` exactly (RFC 7643 makes it
+    /// case-exact), if any.
+    pub async fn find_user_by_external_id(
+        &self,
+        external_id: &str,
+    ) -> Result<Option<ScimUser>, ScimError> {
+        self.find_user_where("externalId", external_id, |u| {
+            u.external_id.as_deref() == Some(external_id)
+        })
+        .await
+    }
+
+    /// `GET Users?filter=<attribute> eq "<value>"`, then the first listed user for which
+    /// `is_it` holds: checked again here, since a server that ignores `filter` returns
+    /// everyone.
+    async fn find_user_where(
+        &self,
+        attribute: &str,
+        value: &str,
+        is_it: impl Fn(&ScimUser) -> bool,
+    ) -> Result<Option<ScimUser>, ScimError> {
         let path = format!("{}/Users", self.base_path);
-        let filter = format!("userName eq {}", filter_string(user_name));
+        let filter = format!("{attribute} eq {}", filter_string(value));
         let query = format!("{path}?filter={}", utf8_percent_encode(&filter, COMPONENT));
         let response = self.call(Method::GET, &query, None).await?;
         let page: ListResponse<ScimUser> = parse(&response, &path)?;
-        // Checked again here: a server that ignores `filter` returns everyone.
-        Ok(page
-            .resources
-            .into_iter()
-            .find(|u| u.user_name.to_lowercase() == user_name.to_lowercase()))
+        Ok(page.resources.into_iter().find(|u| is_it(u)))
+    }
+
+    /// The User this hub means by `external_id` / `user_name`: by externalId first (the
+    /// hub's own identifier, set by an earlier POST of ours), else by userName (taken by
+    /// someone else, or by a server that drops externalId). This is how a create whose answer
+    /// never came back is resolved instead of repeated.
+    pub async fn find_user(
+        &self,
+        external_id: &str,
+        user_name: &str,
+    ) -> Result<Option<ScimUser>, ScimError> {
+        if let Some(user) = self.find_user_by_external_id(external_id).await? {
+            return Ok(Some(user));
+        }
+        self.find_user_by_user_name(user_name).await
     }
 
     /// GET `<base>/ServiceProviderConfig`: a cheap probe that tells a wrong base path (404) or
@@ -211,12 +291,28 @@ impl ScimClient {
         )
     }
 
-    /// Sends one request; a non-2xx answer becomes [`ScimError::Status`].
-    async fn call(
+    /// Sends one request with the idempotency its method implies (see
+    /// [`Idempotency::of_method`]); a non-2xx answer becomes [`ScimError::Status`].
+    pub async fn call(
         &self,
         method: Method,
         path_and_query: &str,
         body: Option<Vec<u8>>,
+    ) -> Result<ScimResponse, ScimError> {
+        let idempotency = Idempotency::of_method(&method);
+        self.call_with(method, path_and_query, body, idempotency)
+            .await
+    }
+
+    /// Sends one request, retrying transient faults as the policy and `idempotency` allow;
+    /// the last attempt's answer is what the caller gets. A non-2xx answer becomes
+    /// [`ScimError::Status`].
+    pub async fn call_with(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<Vec<u8>>,
+        idempotency: Idempotency,
     ) -> Result<ScimResponse, ScimError> {
         let mut headers = vec![("Accept".to_string(), SCIM_CONTENT_TYPE.to_string())];
         if body.is_some() {
@@ -225,16 +321,35 @@ impl ScimClient {
         if let Some(auth) = &self.authorization {
             headers.push(("Authorization".to_string(), auth.clone()));
         }
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        let response = self
-            .transport
-            .send(ScimRequest {
-                method: method.clone(),
-                path_and_query: path_and_query.to_string(),
-                headers,
-                body,
-            })
-            .await?;
+        let request = ScimRequest {
+            method: method.clone(),
+            path_and_query: path_and_query.to_string(),
+            headers,
+            body,
+        };
+        let path = path_and_query
+            .split_once('?')
+            .map_or(path_and_query, |(p, _)| p);
+        let mut attempts = Attempts::new(&self.retry, idempotency);
+        let response = loop {
+            let result = self.send_once(request.clone()).await;
+            let verdict = Verdict::of(&result, SystemTime::now());
+            let Some((wait, throttled)) = attempts.next(&verdict) else {
+                break result?;
+            };
+            self.retries.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                %method,
+                path,
+                wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                "SCIM request retried after {}",
+                describe(&result)
+            );
+            if throttled {
+                self.pause_for(wait);
+            }
+            tokio::time::sleep(wait).await;
+        };
         if (200..300).contains(&response.status) {
             return Ok(response);
         }
@@ -243,9 +358,6 @@ impl ScimClient {
                 detail: body_snippet(&response.body),
                 ..Default::default()
             });
-        let path = path_and_query
-            .split_once('?')
-            .map_or(path_and_query, |(p, _)| p);
         Err(ScimError::Status {
             method: method.to_string(),
             path: path.to_string(),
@@ -253,6 +365,43 @@ impl ScimClient {
             scim_type: error.scim_type.filter(|s| !s.is_empty()),
             detail: error.detail.filter(|s| !s.is_empty()),
         })
+    }
+
+    /// One attempt: waits out a pause the server asked for, takes an in-flight slot, sends.
+    async fn send_once(&self, request: ScimRequest) -> Result<ScimResponse, TransportError> {
+        loop {
+            let until = *self.pause_until.lock().unwrap_or_else(|p| p.into_inner());
+            match until {
+                Some(until) if until > Instant::now() => tokio::time::sleep_until(until).await,
+                _ => break,
+            }
+        }
+        // The semaphore is never closed, so acquiring only fails if it were; sending without a
+        // slot is then the lesser evil.
+        let _slot = match &self.in_flight {
+            Some(s) => s.acquire().await.ok(),
+            None => None,
+        };
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.transport.send(request).await
+    }
+
+    /// Holds every request of this client back for `wait` (or longer, if already held).
+    fn pause_for(&self, wait: Duration) {
+        let until = Instant::now() + wait;
+        let mut pause = self.pause_until.lock().unwrap_or_else(|p| p.into_inner());
+        if pause.is_none_or(|p| p < until) {
+            *pause = Some(until);
+        }
+    }
+}
+
+/// What an attempt met, for the retry log line: the status or the transport error, never a
+/// header (the request's carry the credentials).
+fn describe(result: &Result<ScimResponse, TransportError>) -> String {
+    match result {
+        Ok(response) => format!("status {}", response.status),
+        Err(e) => e.to_string(),
     }
 }
 
@@ -600,5 +749,291 @@ pub(crate) mod tests {
             }
         );
         assert!(!format!("{:?}", client(&t, 10)).contains("s3cret"));
+    }
+
+    /// Answers from a script, in order, then `fallback`; records when each request was sent.
+    struct Scripted {
+        script: Mutex<std::collections::VecDeque<Result<ScimResponse, TransportError>>>,
+        fallback: ScimResponse,
+        /// Each request's method, path and send time.
+        sent: Mutex<Vec<(Method, String, tokio::time::Instant)>>,
+        /// Answer only after this long, to let requests overlap.
+        latency: Duration,
+        in_flight: AtomicUsize,
+        max_in_flight: AtomicUsize,
+    }
+
+    impl Scripted {
+        fn new(
+            script: Vec<Result<ScimResponse, TransportError>>,
+            fallback_body: serde_json::Value,
+        ) -> Arc<Scripted> {
+            Arc::new(Scripted {
+                script: Mutex::new(script.into()),
+                fallback: ScimResponse {
+                    status: 200,
+                    headers: vec![],
+                    body: serde_json::to_vec(&fallback_body).unwrap(),
+                },
+                sent: Mutex::new(Vec::new()),
+                latency: Duration::ZERO,
+                in_flight: AtomicUsize::new(0),
+                max_in_flight: AtomicUsize::new(0),
+            })
+        }
+
+        fn sent(&self) -> Vec<(Method, String, tokio::time::Instant)> {
+            self.sent.lock().unwrap().clone()
+        }
+    }
+
+    impl Transport for Scripted {
+        fn send(
+            &self,
+            request: ScimRequest,
+        ) -> BoxFuture<'_, Result<ScimResponse, TransportError>> {
+            Box::pin(async move {
+                let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+                self.sent.lock().unwrap().push((
+                    request.method.clone(),
+                    request.path_and_query.clone(),
+                    tokio::time::Instant::now(),
+                ));
+                tokio::time::sleep(self.latency).await;
+                let next = self.script.lock().unwrap().pop_front();
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                next.unwrap_or_else(|| Ok(self.fallback.clone()))
+            })
+        }
+    }
+
+    fn status(code: u16, retry_after: Option<&str>) -> Result<ScimResponse, TransportError> {
+        Ok(ScimResponse {
+            status: code,
+            headers: retry_after
+                .map(|v| vec![("Retry-After".to_string(), v.to_string())])
+                .unwrap_or_default(),
+            body: br#"{"detail":"try later"}"#.to_vec(),
+        })
+    }
+
+    fn lost() -> Result<ScimResponse, TransportError> {
+        Err(TransportError::Tunnel {
+            detail: "agent disconnected".into(),
+        })
+    }
+
+    fn scripted_client(t: &Arc<Scripted>) -> ScimClient {
+        ScimClient::new(t.clone(), "/scim/v2".into(), None, 100)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn get_rides_out_throttling_and_transient_faults() {
+        let t = Scripted::new(
+            vec![
+                status(429, Some("2")),
+                status(503, None),
+                Err(TransportError::Forward(
+                    crate::messages::ForwardError::Network {
+                        addr: "10.0.0.1:443".into(),
+                        detail: "connection reset".into(),
+                    },
+                )),
+                status(502, None),
+            ],
+            json!({}),
+        );
+        let c = scripted_client(&t);
+        let start = tokio::time::Instant::now();
+        c.check_base().await.unwrap();
+        let sent = t.sent();
+        assert_eq!(sent.len(), 5);
+        assert_eq!((c.request_count(), c.retry_count()), (5, 4));
+        // Retry-After: 2 was honoured before the second attempt.
+        assert!(sent[1].2 - sent[0].2 >= Duration::from_secs(2), "{sent:?}");
+        let policy = RetryPolicy::default();
+        let most: Duration = (0..3).map(|i| policy.base_delay * 2u32.pow(i)).sum();
+        assert!(start.elapsed() <= Duration::from_secs(2) + most);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_post_with_an_unknown_outcome_is_never_repeated() {
+        for unknown in [
+            lost(),
+            status(502, None),
+            status(504, None),
+            status(503, None),
+            Err(TransportError::Timeout { after_ms: 30_000 }),
+        ] {
+            let t = Scripted::new(vec![unknown], json!({"id": "x", "userName": "a"}));
+            let err = scripted_client(&t)
+                .create_user(&ScimUser {
+                    user_name: "a".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(t.sent().len(), 1, "{err:?}");
+            assert!(err.may_have_landed(), "the caller must look it up: {err:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_post_that_never_left_or_was_throttled_is_sent_again() {
+        let soon = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(4));
+        let t = Scripted::new(
+            vec![
+                Err(TransportError::NoConnector {
+                    kind: crate::scim::transport::NoConnectorKind::NoAgent,
+                    reason: "no agent".into(),
+                }),
+                Err(TransportError::Forward(
+                    crate::messages::ForwardError::ConnectRefused {
+                        addr: "10.0.0.1:443".into(),
+                    },
+                )),
+                status(429, Some(&soon)),
+                status(503, Some("1")),
+            ],
+            json!({"id": "x", "userName": "a"}),
+        );
+        let created = scripted_client(&t)
+            .create_user(&ScimUser {
+                user_name: "a".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(created.id.as_deref(), Some("x"));
+        let sent = t.sent();
+        assert_eq!(sent.len(), 5);
+        // The HTTP date is whole seconds: at least 3 s of the 4 remain.
+        assert!(sent[3].2 - sent[2].2 >= Duration::from_secs(3), "{sent:?}");
+        assert!(sent[4].2 - sent[3].2 >= Duration::from_secs(1), "{sent:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_switched_off_service_is_not_retried() {
+        let t = Scripted::new(
+            vec![Err(TransportError::NoConnector {
+                kind: crate::scim::transport::NoConnectorKind::ServiceOff,
+                reason: "off".into(),
+            })],
+            json!({}),
+        );
+        scripted_client(&t).check_base().await.unwrap_err();
+        assert_eq!(t.sent().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_are_bounded_and_the_last_answer_is_reported() {
+        let t = Scripted::new((0..20).map(|_| status(503, None)).collect(), json!({}));
+        let c = scripted_client(&t);
+        let err = c.check_base().await.unwrap_err();
+        assert_eq!(err.status(), Some(503));
+        assert_eq!(
+            t.sent().len(),
+            1 + RetryPolicy::default().fault_retries as usize
+        );
+
+        let t = Scripted::new((0..20).map(|_| status(429, Some("1"))).collect(), json!({}));
+        let c = scripted_client(&t).with_retry(RetryPolicy {
+            throttle_retries: 2,
+            ..RetryPolicy::default()
+        });
+        assert_eq!(c.check_base().await.unwrap_err().status(), Some(429));
+        assert_eq!(t.sent().len(), 3);
+
+        let t = Scripted::new(vec![status(503, None)], json!({}));
+        let c = scripted_client(&t).with_retry(RetryPolicy::none());
+        assert_eq!(c.check_base().await.unwrap_err().status(), Some(503));
+        assert_eq!(t.sent().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_holds_back_every_request_of_the_client() {
+        let t = Scripted::new(vec![status(429, Some("3"))], json!({}));
+        let c = scripted_client(&t);
+        let start = tokio::time::Instant::now();
+        let first = c.check_base();
+        let second = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            c.delete_user("u1").await
+        };
+        let (a, b) = tokio::join!(first, second);
+        a.unwrap();
+        b.unwrap();
+        let sent = t.sent();
+        let delete = sent.iter().find(|(m, _, _)| *m == Method::DELETE).unwrap();
+        assert!(
+            delete.2 - start >= Duration::from_secs(3),
+            "the DELETE waited for the server's Retry-After: {sent:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_flight_requests_are_bounded() {
+        let mut t = Scripted::new(vec![], json!({}));
+        Arc::get_mut(&mut t).unwrap().latency = Duration::from_millis(100);
+        let c = scripted_client(&t).with_max_in_flight(3);
+        let ids: Vec<String> = (0..10).map(|i| format!("u{i}")).collect();
+        let calls: Vec<_> = ids.iter().map(|id| c.delete_user(id)).collect();
+        for r in futures_util::future::join_all(calls).await {
+            r.unwrap();
+        }
+        assert_eq!(t.max_in_flight.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn patch_is_retried_only_when_its_operations_are_idempotent() {
+        let safe = [PatchOp::replace("active", json!(false))];
+        let t = Scripted::new(vec![lost()], json!({}));
+        scripted_client(&t).patch_user("u1", &safe).await.unwrap();
+        assert_eq!(t.sent().len(), 2);
+
+        let append = [PatchOp {
+            op: PatchOpKind::Add,
+            path: Some("emails".into()),
+            value: Some(json!([{ "value": "a@example.com" }])),
+        }];
+        let t = Scripted::new(vec![lost()], json!({}));
+        scripted_client(&t)
+            .patch_user("u1", &append)
+            .await
+            .unwrap_err();
+        assert_eq!(t.sent().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn find_user_prefers_the_external_id() {
+        let by_ext = json!({"totalResults": 1, "Resources": [
+            {"id": "e1", "userName": "other@example.com", "externalId": "u01"}]});
+        let t = Scripted::new(
+            vec![Ok(ScimResponse {
+                status: 200,
+                headers: vec![],
+                body: serde_json::to_vec(&by_ext).unwrap(),
+            })],
+            json!({"totalResults": 0, "Resources": []}),
+        );
+        let c = scripted_client(&t);
+        let found = c.find_user("u01", "person01@example.com").await.unwrap();
+        assert_eq!(found.unwrap().id.as_deref(), Some("e1"));
+        assert_eq!(
+            t.sent()[0].1,
+            "/scim/v2/Users?filter=externalId%20eq%20%22u01%22"
+        );
+        // Not found by externalId: asked by userName next.
+        assert!(c
+            .find_user("u02", "person02@example.com")
+            .await
+            .unwrap()
+            .is_none());
+        let sent = t.sent();
+        assert_eq!(sent.len(), 3);
+        assert!(sent[2]
+            .1
+            .contains("userName%20eq%20%22person02%40example.com%22"));
     }
 }

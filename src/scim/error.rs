@@ -56,10 +56,13 @@ impl ScimError {
         }
     }
 
-    /// True when a request may have reached the server although no answer came back, so a
-    /// POST must be looked up before anyone thinks of repeating it.
+    /// True when a request may have been acted on although no success came back: no answer
+    /// at all (timeout, lost tunnel or connection), or a 5xx, which a gateway may send after
+    /// passing the request on and a server after storing half of it. A POST that failed so
+    /// must be looked up before anyone thinks of repeating it.
     pub fn may_have_landed(&self) -> bool {
         match self {
+            ScimError::Status { status, .. } => (500..=599).contains(status),
             ScimError::Transport(TransportError::Timeout { .. })
             | ScimError::Transport(TransportError::Tunnel { .. }) => true,
             ScimError::Transport(TransportError::Forward(f)) => matches!(
@@ -98,9 +101,12 @@ impl ScimError {
     }
 }
 
+/// How every "no connector" diagnosis starts, whichever of its causes holds.
+pub const NO_CONNECTOR: &str = "no connector available";
+
 fn transport_diagnosis(t: &TransportError) -> String {
     match t {
-        TransportError::NoConnector { reason } => format!("no connector available: {reason}"),
+        TransportError::NoConnector { reason, .. } => format!("{NO_CONNECTOR}: {reason}"),
         TransportError::Tunnel { detail } => format!(
             "the tunnel to the agent was lost mid-request ({detail}): check the agent with \
              `connect status` on its VM; the next run retries"
@@ -194,7 +200,7 @@ fn status_diagnosis(
         (None, None) => String::new(),
     };
     match status {
-        401 => "authentication failed (401): check the app's auth mode and secret".to_string(),
+        401 => format!("authentication failed (401): check the app's auth mode and secret{said}"),
         403 => format!(
             "forbidden (403) on {method} {path}: check the app's auth mode and secret, and that \
              its account may provision users{said}"
@@ -241,6 +247,7 @@ mod tests {
     #[test]
     fn no_connector_names_the_reason() {
         let e = ScimError::Transport(TransportError::NoConnector {
+            kind: crate::scim::transport::NoConnectorKind::NoAgent,
             reason: "no agent connected for service `acme`".into(),
         });
         assert_eq!(

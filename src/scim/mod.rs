@@ -9,6 +9,7 @@ pub mod client;
 pub mod diff;
 pub mod error;
 pub mod resources;
+pub mod retry;
 pub mod sync;
 pub mod transport;
 
@@ -16,5 +17,8 @@ pub use client::ScimClient;
 pub use diff::{plan_users, Deprovision, DeprovisionMode, DesiredUser, UserPlan, UserUpdate};
 pub use error::ScimError;
 pub use resources::{ListResponse, Name, PatchOp, PatchOpKind, ScimEmail, ScimErrorBody, ScimUser};
+pub use retry::{Idempotency, RetryPolicy};
 pub use sync::{sync_users, UserRunReport};
-pub use transport::{HttpTransport, ScimRequest, ScimResponse, Transport, TransportError};
+pub use transport::{
+    HttpTransport, NoConnectorKind, ScimRequest, ScimResponse, Transport, TransportError,
+};

@@ -2,10 +2,12 @@
 //!
 //! It owns the order and the safety rules of applying a [`UserPlan`]: deprovisions first, then
 //! updates, then creates (so freed user names are free before they are reused); a 409 on
-//! create adopts the existing user instead of failing; a create whose answer was lost is
-//! looked up instead of repeated; a systemic failure (bad credentials, no connector) stops the
-//! run instead of failing every remaining user one by one. It never touches a user outside
-//! the plan, and never retries a POST blindly.
+//! create adopts the existing user instead of failing; a create whose outcome is unknown is
+//! looked up (by externalId, then userName) and only sent again once the lookup shows it did
+//! not land; a systemic failure (bad credentials, no connector) stops the run instead of
+//! failing every remaining user one by one. Every operation is reported as an
+//! [`OperationRecord`] for the run history. It never touches a user outside the plan, and
+//! never retries a POST blindly (transient faults are retried by the client's request layer).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,12 +15,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use futures_util::stream::{self, StreamExt};
 use serde_json::json;
 
+use crate::messages::hub::{OperationAction, OperationOutcome, OperationRecord, ResourceKind};
 use crate::scim::client::ScimClient;
 use crate::scim::diff::{
     plan_users, update_ops, Deprovision, DeprovisionMode, DesiredUser, UserUpdate,
 };
 use crate::scim::error::ScimError;
-use crate::scim::resources::PatchOp;
+use crate::scim::resources::{PatchOp, ScimUser};
 
 /// What one run did.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -37,10 +40,15 @@ pub struct UserRunReport {
     /// The error of the earliest failed operation in plan order; its
     /// [`diagnosis`](ScimError::diagnosis) is the run's message.
     pub first_error: Option<ScimError>,
-    /// Requests sent by the client during the run (listing included).
+    /// Requests sent by the client during the run (listing included, retries included).
     pub requests: usize,
+    /// Of those, retries of transient faults and throttled answers.
+    pub retries: usize,
+    /// One record per planned operation, in plan order.
+    pub operations: Vec<OperationRecord>,
 }
 
+#[derive(Clone, Copy)]
 enum Op<'a> {
     Deprovision(&'a Deprovision),
     Update(&'a UserUpdate),
@@ -84,6 +92,7 @@ pub async fn sync_users(
     concurrency: usize,
 ) -> Result<UserRunReport, ScimError> {
     let before = client.request_count();
+    let retries_before = client.retry_count();
     let current = client.list_users().await?;
     let plan = plan_users(desired, &current, managed, mode);
     tracing::debug!(
@@ -133,13 +142,15 @@ pub async fn sync_users(
         let stop = &stop;
         let futures: Vec<_> = numbered
             .into_iter()
-            .map(|(n, op)| async move { (n, apply(client, op, mode, stop).await) })
+            .map(|(n, op)| async move { (n, op, apply(client, op, mode, stop).await) })
             .collect();
-        let outcomes: Vec<(usize, Outcome)> = stream::iter(futures)
+        let mut outcomes: Vec<(usize, Op<'_>, Outcome)> = stream::iter(futures)
             .buffer_unordered(concurrency)
             .collect()
             .await;
-        for (n, outcome) in outcomes {
+        outcomes.sort_by_key(|(n, _, _)| *n);
+        for (n, op, outcome) in outcomes {
+            report.operations.push(operation_record(op, &outcome, mode));
             match outcome {
                 Outcome::Created { id } => {
                     report.created += 1;
@@ -175,6 +186,7 @@ pub async fn sync_users(
     }
     report.first_error = first_error.map(|(_, e)| e);
     report.requests = client.request_count().saturating_sub(before);
+    report.retries = client.retry_count().saturating_sub(retries_before);
     tracing::info!(
         created = report.created,
         updated = report.updated,
@@ -184,6 +196,7 @@ pub async fn sync_users(
         unmanaged = report.unmanaged,
         failed = report.failed,
         requests = report.requests,
+        retries = report.retries,
         "user sync finished"
     );
     Ok(report)
@@ -252,16 +265,53 @@ async fn create(client: &ScimClient, d: &DesiredUser) -> Outcome {
     }
     // Either the user name is taken (409) or our POST may have landed without us hearing
     // back: find the user rather than POST again.
-    let existing = match client.find_user_by_user_name(&d.user_name).await {
+    let existing = match client.find_user(&d.external_id, &d.user_name).await {
         Ok(Some(user)) => user,
+        Ok(None) if error.may_have_landed() => return create_again(client, d, error).await,
         Ok(None) => return Outcome::Failed(error),
         Err(e) => return Outcome::Failed(e),
     };
+    let landed =
+        error.may_have_landed() && existing.external_id.as_deref() == Some(d.external_id.as_str());
+    adopt(client, d, existing, landed, error).await
+}
+
+/// The lookup after an unknown outcome found nothing: the POST did not land, so it is sent
+/// once more. Should the first one land late after all, the server's userName uniqueness
+/// answers this one with 409, and the user is adopted rather than created twice.
+async fn create_again(client: &ScimClient, d: &DesiredUser, first: ScimError) -> Outcome {
+    match client.create_user(&d.to_scim_user()).await {
+        Ok(user) => Outcome::Created {
+            id: user.id.unwrap_or_default(),
+        },
+        Err(e) if e.status() == Some(409) => {
+            match client.find_user(&d.external_id, &d.user_name).await {
+                Ok(Some(existing)) => {
+                    let landed = existing.external_id.as_deref() == Some(d.external_id.as_str());
+                    adopt(client, d, existing, landed, e).await
+                }
+                Ok(None) => Outcome::Failed(e),
+                Err(e) => Outcome::Failed(e),
+            }
+        }
+        // Unknown again: reported, never repeated a third time; the next run looks it up.
+        Err(e) if e.may_have_landed() => Outcome::Failed(first),
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
+/// Brings an existing user to the desired state and takes it over; `landed` says it is the
+/// one our own POST created.
+async fn adopt(
+    client: &ScimClient,
+    d: &DesiredUser,
+    existing: ScimUser,
+    landed: bool,
+    error: ScimError,
+) -> Outcome {
     let Some(id) = existing.id.clone() else {
         return Outcome::Failed(error);
     };
-    let landed =
-        error.may_have_landed() && existing.external_id.as_deref() == Some(d.external_id.as_str());
     let ops = update_ops(d, &existing);
     let patched = !ops.is_empty();
     if patched {
@@ -276,11 +326,73 @@ async fn create(client: &ScimClient, d: &DesiredUser) -> Outcome {
     }
 }
 
+/// The history record of one operation and how it ended.
+fn operation_record(op: Op<'_>, outcome: &Outcome, mode: DeprovisionMode) -> OperationRecord {
+    let (action, external_id, scim_id, name) = match op {
+        Op::Create(d) => (
+            OperationAction::Create,
+            Some(d.external_id.clone()),
+            None,
+            Some(d.user_name.clone()),
+        ),
+        Op::Update(u) => (
+            OperationAction::Update,
+            Some(u.external_id.clone()),
+            Some(u.id.clone()),
+            None,
+        ),
+        Op::Deprovision(d) => (
+            match mode {
+                DeprovisionMode::Delete => OperationAction::Delete,
+                DeprovisionMode::Deactivate => OperationAction::Deactivate,
+            },
+            None,
+            Some(d.id.clone()),
+            Some(d.user_name.clone()),
+        ),
+    };
+    let mut record = OperationRecord {
+        resource: ResourceKind::User,
+        action,
+        outcome: OperationOutcome::Done,
+        external_id,
+        scim_id,
+        name,
+        message: None,
+    };
+    match outcome {
+        Outcome::Created { id } => record.scim_id = Some(id.clone()),
+        Outcome::Adopted { id, patched } => {
+            record.action = OperationAction::Adopt;
+            record.scim_id = Some(id.clone());
+            record.message = Some(
+                if *patched {
+                    "already on the server: adopted and updated"
+                } else {
+                    "already on the server: adopted as it was"
+                }
+                .into(),
+            );
+        }
+        Outcome::Updated | Outcome::Deactivated | Outcome::Deleted { .. } => {}
+        Outcome::Gone { .. } => record.message = Some("already gone from the server".into()),
+        Outcome::Failed(e) => {
+            record.outcome = OperationOutcome::Failed;
+            record.message = Some(e.diagnosis());
+        }
+        Outcome::NotAttempted => {
+            record.outcome = OperationOutcome::Skipped;
+            record.message = Some("not attempted after a failure that stops the run".into());
+        }
+    }
+    record
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::demo::scim_server::DemoScimServer;
-    use crate::scim::resources::{ScimEmail, ScimUser};
+    use crate::scim::resources::ScimEmail;
     use crate::scim::transport::{
         HttpTransport, ScimRequest, ScimResponse, Transport, TransportError,
     };
@@ -535,9 +647,11 @@ mod tests {
         assert_eq!((run.created, run.failed), (0, 50));
         assert_eq!(run.requests, 2);
         assert_eq!(transport.0.load(Ordering::Relaxed), 2);
+        // The server's own words are part of the message.
         assert_eq!(
             run.first_error.unwrap().diagnosis(),
-            "authentication failed (401): check the app's auth mode and secret"
+            "authentication failed (401): check the app's auth mode and secret (server said: \
+             token expired)"
         );
     }
 
@@ -561,7 +675,8 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             err.diagnosis(),
-            "authentication failed (401): check the app's auth mode and secret"
+            "authentication failed (401): check the app's auth mode and secret (server said: \
+             missing or wrong bearer token)"
         );
         let wrong_base = ScimClient::new(
             Arc::new(HttpTransport::new(

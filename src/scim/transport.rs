@@ -14,6 +14,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 
 use crate::messages::ForwardError;
@@ -50,9 +51,13 @@ impl ScimResponse {
 /// Why a request produced no HTTP response at all.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TransportError {
-    /// Service off, no agent connected, or no agent advertises the target; `reason` says which.
+    /// Service off, no agent connected, or no agent advertises the target: `kind` says which,
+    /// `reason` says it to the administrator with the fix.
     #[error("no connector available: {reason}")]
-    NoConnector { reason: String },
+    NoConnector {
+        kind: NoConnectorKind,
+        reason: String,
+    },
     /// The agent (or the direct transport, in the agent's vocabulary) could not get an answer.
     #[error(transparent)]
     Forward(ForwardError),
@@ -62,6 +67,28 @@ pub enum TransportError {
     /// The hub gave up waiting.
     #[error("no answer within {after_ms} ms")]
     Timeout { after_ms: u64 },
+}
+
+/// Which of the "no connector" causes holds. The first two are the administrator's decision and
+/// stay until changed; the last two can be momentary (an agent reconnecting, a target set being
+/// reloaded), so a request may wait a little for them to pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NoConnectorKind {
+    /// hub.toml has no such service.
+    UnknownService,
+    /// The service is switched off.
+    ServiceOff,
+    /// No agent of the service is connected.
+    NoAgent,
+    /// Agents are connected, but none advertises the app's target.
+    NoTarget,
+}
+
+impl NoConnectorKind {
+    /// True when the cause may pass by itself within seconds.
+    pub fn may_pass(self) -> bool {
+        matches!(self, NoConnectorKind::NoAgent | NoConnectorKind::NoTarget)
+    }
 }
 
 /// Carries one request to a SCIM server and brings back its response.

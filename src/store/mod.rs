@@ -1,8 +1,10 @@
-//! The hub's durable state in SQLite: which SCIM resources each application's reconciler
-//! manages, and the record of every run.
+//! The hub's durable state in SQLite (`hub.db` in the state directory): which SCIM resources
+//! each application's reconciler manages, and the history of runs with their per-resource
+//! operations, which survives hub restarts.
 //!
-//! Only the hub opens this database. It stores no secret: resource ids, counts and the
-//! administrator-facing message of each run.
+//! Only the hub opens this database. It stores no secret: resource ids and names, counts and
+//! the administrator-facing messages. A run and its operations are written in one transaction,
+//! so the history never holds half a run.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -10,7 +12,19 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::messages::hub::RunSummary;
+use crate::messages::hub::{OperationRecord, RunSummary};
+
+/// Runs kept per application by default; older runs and their operations are pruned as new
+/// ones arrive.
+pub const RUNS_KEPT: usize = 1000;
+
+/// One stored operation: its position in its run (1-based, plan order) and the record.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredOperation {
+    pub seq: u32,
+    #[serde(flatten)]
+    pub record: OperationRecord,
+}
 
 /// Errors of the state store. They name the database file.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +45,7 @@ pub enum StoreError {
 pub struct Store {
     path: PathBuf,
     conn: Mutex<Connection>,
+    runs_kept: usize,
 }
 
 const SCHEMA: &str = "
@@ -47,6 +62,13 @@ CREATE TABLE IF NOT EXISTS runs (
     summary TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS runs_by_app ON runs (app, id);
+CREATE TABLE IF NOT EXISTS operations (
+    run_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+);
 ";
 
 impl Store {
@@ -64,12 +86,19 @@ impl Store {
         let store = Store {
             path,
             conn: Mutex::new(conn),
+            runs_kept: RUNS_KEPT,
         };
         store.with(|c| {
             c.pragma_update(None, "journal_mode", "WAL")?;
             c.execute_batch(SCHEMA)
         })?;
         Ok(store)
+    }
+
+    /// Keep the last `n` (at least 1) runs per application instead of [`RUNS_KEPT`].
+    pub fn with_runs_kept(mut self, n: usize) -> Store {
+        self.runs_kept = n.max(1);
+        self
     }
 
     fn with<T>(
@@ -108,11 +137,17 @@ impl Store {
         })
     }
 
-    /// Stores a finished run and returns its id.
-    pub fn record_run(&self, summary: &RunSummary) -> Result<i64, StoreError> {
+    /// Stores a finished run with its operations (in plan order) and returns the run's id.
+    /// Runs of the same app older than the last `runs_kept` are pruned.
+    pub fn record_run(
+        &self,
+        summary: &RunSummary,
+        operations: &[OperationRecord],
+    ) -> Result<i64, StoreError> {
         let json = serde_json::to_string(summary).unwrap_or_default();
         self.with(|c| {
-            c.execute(
+            let tx = c.transaction()?;
+            tx.execute(
                 "INSERT INTO runs (app, started_unix_ms, duration_ms, summary) VALUES (?1, ?2, ?3, ?4)",
                 params![
                     summary.app,
@@ -121,7 +156,45 @@ impl Store {
                     json
                 ],
             )?;
-            Ok(c.last_insert_rowid())
+            let run_id = tx.last_insert_rowid();
+            {
+                let mut insert = tx.prepare(
+                    "INSERT INTO operations (run_id, seq, outcome, record) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for (i, op) in operations.iter().enumerate() {
+                    let outcome = serde_json::to_value(op.outcome)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default();
+                    insert.execute(params![
+                        run_id,
+                        i as i64 + 1,
+                        outcome,
+                        serde_json::to_string(op).unwrap_or_default()
+                    ])?;
+                }
+            }
+            // The newest run that falls out of the kept window, if any.
+            let cutoff: Option<i64> = tx
+                .query_row(
+                    "SELECT id FROM runs WHERE app = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2",
+                    params![summary.app, self.runs_kept as i64],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(cutoff) = cutoff {
+                tx.execute(
+                    "DELETE FROM operations WHERE run_id IN \
+                     (SELECT id FROM runs WHERE app = ?1 AND id <= ?2)",
+                    params![summary.app, cutoff],
+                )?;
+                tx.execute(
+                    "DELETE FROM runs WHERE app = ?1 AND id <= ?2",
+                    params![summary.app, cutoff],
+                )?;
+            }
+            tx.commit()?;
+            Ok(run_id)
         })
     }
 
@@ -135,12 +208,15 @@ impl Store {
             )
             .optional()
         })?;
-        Ok(row.and_then(|(id, json)| {
-            let mut summary: RunSummary = serde_json::from_str(&json).ok()?;
-            summary.run_id = id;
-            Some(summary)
-        }))
+        Ok(row.and_then(|(id, json)| summary_of(id, &json)))
     }
+}
+
+/// A stored run's summary with its id; `None` when the stored JSON is unreadable.
+fn summary_of(run_id: i64, json: &str) -> Option<RunSummary> {
+    let mut summary: RunSummary = serde_json::from_str(json).ok()?;
+    summary.run_id = run_id;
+    Some(summary)
 }
 
 impl Store {
@@ -163,10 +239,57 @@ impl Store {
         })?;
         Ok(rows
             .into_iter()
-            .filter_map(|(id, json)| {
-                let mut summary: RunSummary = serde_json::from_str(&json).ok()?;
-                summary.run_id = id;
-                Some(summary)
+            .filter_map(|(id, json)| summary_of(id, &json))
+            .collect())
+    }
+}
+
+impl Store {
+    /// Run `run_id` of `app`, if it is kept.
+    pub fn run(&self, app: &str, run_id: i64) -> Result<Option<RunSummary>, StoreError> {
+        let json: Option<String> = self.with(|c| {
+            c.query_row(
+                "SELECT summary FROM runs WHERE app = ?1 AND id = ?2",
+                params![app, run_id],
+                |r| r.get(0),
+            )
+            .optional()
+        })?;
+        Ok(json.and_then(|json| summary_of(run_id, &json)))
+    }
+
+    /// Operations of run `run_id` in plan order, after position `after` (exclusive) when given;
+    /// `failed_only` keeps those that failed. The caller checks that the run belongs to the app.
+    pub fn operations(
+        &self,
+        run_id: i64,
+        after: Option<u32>,
+        limit: usize,
+        failed_only: bool,
+    ) -> Result<Vec<StoredOperation>, StoreError> {
+        let rows: Vec<(i64, String)> = self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT seq, record FROM operations WHERE run_id = ?1 AND seq > ?2 \
+                 AND (?3 = 0 OR outcome = 'failed') ORDER BY seq LIMIT ?4",
+            )?;
+            let rows = stmt.query_map(
+                params![
+                    run_id,
+                    i64::from(after.unwrap_or(0)),
+                    i64::from(failed_only),
+                    limit as i64
+                ],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            rows.collect()
+        })?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(seq, json)| {
+                Some(StoredOperation {
+                    seq: u32::try_from(seq).ok()?,
+                    record: serde_json::from_str(&json).ok()?,
+                })
             })
             .collect())
     }
@@ -175,6 +298,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::messages::hub::{OperationAction, OperationOutcome, ResourceKind};
 
     #[test]
     fn managed_set_and_runs_survive_reopen() {
@@ -189,7 +313,7 @@ mod tests {
                 created: 2,
                 ..Default::default()
             };
-            assert_eq!(store.record_run(&summary).unwrap(), 1);
+            assert_eq!(store.record_run(&summary, &[]).unwrap(), 1);
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.managed_users("crm").unwrap().len(), 2);
@@ -209,7 +333,7 @@ mod tests {
                 created,
                 ..Default::default()
             };
-            store.record_run(&summary).unwrap();
+            store.record_run(&summary, &[]).unwrap();
         }
         let first = store.runs("crm", None, 2).unwrap();
         assert_eq!(first.iter().map(|r| r.run_id).collect::<Vec<_>>(), [5, 4]);
@@ -217,5 +341,85 @@ mod tests {
         assert_eq!(next.iter().map(|r| r.run_id).collect::<Vec<_>>(), [3, 2, 1]);
         assert_eq!(next[0].created, 2);
         assert!(store.runs("other", None, 10).unwrap().is_empty());
+    }
+
+    fn op(i: usize, outcome: OperationOutcome) -> OperationRecord {
+        OperationRecord {
+            resource: ResourceKind::User,
+            action: OperationAction::Create,
+            outcome,
+            external_id: Some(format!("u{i}")),
+            scim_id: None,
+            name: Some(format!("user{i}@example.com")),
+            message: (outcome == OperationOutcome::Failed).then(|| "rejected (400)".into()),
+        }
+    }
+
+    #[test]
+    fn operations_page_in_plan_order_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let ops: Vec<OperationRecord> = (0..7)
+            .map(|i| {
+                op(
+                    i,
+                    if i % 3 == 0 {
+                        OperationOutcome::Failed
+                    } else {
+                        OperationOutcome::Done
+                    },
+                )
+            })
+            .collect();
+        let run_id = {
+            let store = Store::open(dir.path()).unwrap();
+            let summary = RunSummary {
+                app: "crm".into(),
+                ..Default::default()
+            };
+            store.record_run(&summary, &ops).unwrap()
+        };
+        let store = Store::open(dir.path()).unwrap();
+        let first = store.operations(run_id, None, 3, false).unwrap();
+        assert_eq!(first.iter().map(|o| o.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(first[0].record, ops[0]);
+        let rest = store.operations(run_id, Some(3), 100, false).unwrap();
+        assert_eq!(rest.iter().map(|o| o.seq).collect::<Vec<_>>(), [4, 5, 6, 7]);
+        assert_eq!(rest[3].record, ops[6]);
+        let failed = store.operations(run_id, None, 100, true).unwrap();
+        assert_eq!(failed.iter().map(|o| o.seq).collect::<Vec<_>>(), [1, 4, 7]);
+        assert!(store
+            .operations(run_id + 1, None, 100, false)
+            .unwrap()
+            .is_empty());
+        assert_eq!(store.run("crm", run_id).unwrap().unwrap().run_id, run_id);
+        assert!(store.run("other", run_id).unwrap().is_none());
+    }
+
+    #[test]
+    fn old_runs_are_pruned_with_their_operations() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap().with_runs_kept(2);
+        let run = |app: &str| RunSummary {
+            app: app.into(),
+            ..Default::default()
+        };
+        let first = store
+            .record_run(&run("crm"), &[op(0, OperationOutcome::Done)])
+            .unwrap();
+        let wiki = store.record_run(&run("wiki"), &[]).unwrap();
+        store.record_run(&run("crm"), &[]).unwrap();
+        assert!(
+            store.run("crm", first).unwrap().is_some(),
+            "two crm runs kept"
+        );
+        let third = store.record_run(&run("crm"), &[]).unwrap();
+        assert!(store.run("crm", first).unwrap().is_none());
+        assert!(store.operations(first, None, 10, false).unwrap().is_empty());
+        assert_eq!(store.runs("crm", None, 10).unwrap().len(), 2);
+        assert_eq!(store.runs("crm", None, 10).unwrap()[0].run_id, third);
+        assert!(
+            store.run("wiki", wiki).unwrap().is_some(),
+            "each app prunes its own"
+        );
     }
 }

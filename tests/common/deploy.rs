@@ -472,4 +472,40 @@ impl Deployment {
             panic!("{e}\n{}", self.logs());
         }
     }
+
+    /// `POST /api/apps/<app>/sync`: runs (or joins) a sync and returns its result, asserting
+    /// the API answered 200.
+    pub async fn force_sync(&self, app: &str) -> Value {
+        let resp = self
+            .admin("POST", &format!("/api/apps/{app}/sync"), None)
+            .await;
+        assert_eq!(
+            resp.status,
+            200,
+            "sync {app}: {}\n{}",
+            resp.text(),
+            self.logs()
+        );
+        resp.json().unwrap()
+    }
+
+    /// The entry of `app` in `GET /api/apps` (Last Sync, run going now).
+    pub async fn app_status(&self, app: &str) -> Value {
+        let resp = self.admin("GET", "/api/apps", None).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        let apps = resp.json().unwrap();
+        apps.as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["name"] == app)
+            .cloned()
+            .unwrap_or_else(|| panic!("no app `{app}` in GET /api/apps: {apps}"))
+    }
+
+    /// `connect hub status [extra...] --config hub.toml`: exit code and stdout+stderr.
+    pub fn hub_status(&self, extra: &[&str]) -> (i32, String) {
+        let mut args = vec!["hub", "status"];
+        args.extend_from_slice(extra);
+        self.connect_with_hub_config(&args)
+    }
 }

@@ -11,6 +11,7 @@
 
 pub mod conformance;
 pub mod deploy;
+pub mod faults;
 pub mod peers;
 pub mod scenarios;
 pub mod tinyproxy;
@@ -594,6 +595,16 @@ impl Scim2Server {
             .expect_json("GET", path_and_query, None, 200)
             .await
             .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Every User the server holds (asserting they fit one page of 1000).
+    pub async fn users(&self) -> Vec<serde_json::Value> {
+        let list = self.get_json("/Users?count=1000").await;
+        assert!(
+            list["totalResults"].as_u64().unwrap_or(0) <= 1000,
+            "more users than one page: {list}"
+        );
+        list["Resources"].as_array().cloned().unwrap_or_default()
     }
 
     /// `POST /v2<path>` with `body`, asserting 201 Created; returns the created resource.

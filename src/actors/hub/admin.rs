@@ -1,5 +1,16 @@
-//! Admin: the hub's HTTP API for administrators and for `connect sync`. Bearer-token protected,
-//! bound to loopback by default.
+//! Admin: the hub's HTTP API for administrators, `connect sync` and `connect hub status`.
+//! Bearer-token protected, bound to loopback by default.
+//!
+//! - `GET /api/services`: services, on or off, with their connected agents and targets.
+//! - `PUT /api/services/<service>/enabled` `{"enabled": bool}`: switch a service on or off.
+//! - `GET /api/apps`: applications with their Last Sync and the run going now, if any.
+//! - `POST /api/apps/<app>/sync`: run now (or join the run going) and answer its result.
+//! - `GET /api/apps/<app>/runs?before=<run id>&limit=<n>`: runs, newest first.
+//! - `GET /api/apps/<app>/runs/<run id>`: one run.
+//! - `GET /api/apps/<app>/runs/<run id>/operations?after=<seq>&limit=<n>&failed=true`: its
+//!   per-resource operations in plan order.
+//! - `/api/apps/<app>/scim/<path>`: any SCIM request, through the tunnel to the app's server,
+//!   answered unchanged.
 //!
 //! It only reads state and forwards commands to the registry and reconcilers; it never touches
 //! the tunnel or the SCIM servers itself. The token is compared in constant time and never
@@ -18,7 +29,6 @@ use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -27,7 +37,8 @@ use super::supervisor::ReconcilerTable;
 use super::tunnel_transport::TunnelTransport;
 use crate::config::hub::AppConfig;
 use crate::config::Secret;
-use crate::messages::hub::{ReconcilerMsg, RegistryMsg, RunSummary};
+pub use crate::messages::hub::AppStatus;
+use crate::messages::hub::{ReconcilerMsg, ReconcilerStatus, RegistryMsg, RunSummary};
 use crate::scim::client::SCIM_CONTENT_TYPE;
 use crate::scim::error::ScimError;
 use crate::scim::resources::ScimErrorBody;
@@ -65,12 +76,8 @@ struct ApiState {
     store: Arc<Store>,
 }
 
-/// One application in `GET /api/apps`.
-#[derive(Debug, Serialize, serde::Deserialize)]
-pub struct AppStatus {
-    pub name: String,
-    pub last_sync: Option<RunSummary>,
-}
+/// How long the API waits for a reconciler's status; it answers at once unless it is gone.
+const STATUS_WAIT: Duration = Duration::from_secs(2);
 
 /// The Admin actor: owns the HTTP server task.
 pub struct Admin;
@@ -126,6 +133,8 @@ fn router(state: ApiState) -> Router {
         .route("/api/services/{service}/enabled", put(set_enabled))
         .route("/api/apps/{app}/sync", post(sync))
         .route("/api/apps/{app}/runs", get(runs))
+        .route("/api/apps/{app}/runs/{run}", get(run))
+        .route("/api/apps/{app}/runs/{run}/operations", get(operations))
         .route("/api/apps/{app}/scim/{*path}", any(pass_through))
         // The pass-through carries SCIM bodies, which can be list pages of some size.
         .layer(axum::extract::DefaultBodyLimit::max(PASS_THROUGH_MAX_BODY))
@@ -188,18 +197,35 @@ async fn apps(State(state): State<ApiState>, headers: HeaderMap) -> Response {
     if !authorized(&state, &headers) {
         return unauthorized();
     }
+    let table = reconcilers(&state);
     let mut list = Vec::new();
-    for (name, reconciler) in reconcilers(&state) {
-        let last_sync = match reconciler
-            .call(ReconcilerMsg::LastRun, Some(Duration::from_secs(2)))
-            .await
-        {
-            Ok(CallResult::Success(last)) => last,
-            _ => None,
+    for app in state.apps.iter() {
+        let reconciler = table.iter().find(|(name, _)| *name == app.name);
+        let status = match reconciler {
+            Some((_, r)) => match r.call(ReconcilerMsg::Status, Some(STATUS_WAIT)).await {
+                Ok(CallResult::Success(status)) => Ok(status),
+                _ => Err("the app's reconciler did not answer"),
+            },
+            None => Err("the app's reconciler is not running"),
+        };
+        let (status, error) = match status {
+            Ok(status) => (status, None),
+            // The history still knows the last run.
+            Err(e) => (
+                ReconcilerStatus {
+                    last: state.store.last_run(&app.name).ok().flatten(),
+                    running_since_unix_ms: None,
+                },
+                Some(e.to_string()),
+            ),
         };
         list.push(AppStatus {
-            name: name.clone(),
-            last_sync,
+            name: app.name.clone(),
+            service: app.service.clone(),
+            target: app.target.clone(),
+            running_since_unix_ms: status.running_since_unix_ms,
+            last_sync: status.last,
+            error,
         });
     }
     Json(list).into_response()
@@ -228,7 +254,7 @@ async fn sync(
         .call(ReconcilerMsg::ForceSync, Some(SYNC_WAIT))
         .await
     {
-        Ok(CallResult::Success(summary)) => Json(summary).into_response(),
+        Ok(CallResult::Success(outcome)) => Json(outcome).into_response(),
         Ok(CallResult::Timeout) => error(
             StatusCode::GATEWAY_TIMEOUT,
             "the run is still going; see GET /api/apps for its result",
@@ -249,11 +275,22 @@ async fn set_enabled(
     State(state): State<ApiState>,
     Path(service): Path<String>,
     headers: HeaderMap,
-    Json(body): Json<Enabled>,
+    body: Bytes,
 ) -> Response {
+    // The body is read only after the token is checked: a stranger learns nothing, not even
+    // what the body should look like.
     if !authorized(&state, &headers) {
         return unauthorized();
     }
+    let body: Enabled = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body must be {{\"enabled\": true}} or {{\"enabled\": false}} ({e})"),
+            )
+        }
+    };
     if !state.book.set_enabled(&service, body.enabled) {
         return error(
             StatusCode::NOT_FOUND,
@@ -295,6 +332,79 @@ async fn runs(
                 None
             };
             Json(serde_json::json!({ "runs": runs, "next_before": next })).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Run `run_id` of `app`, or the status and message that say why there is none. Run ids are
+/// global, so this is also what makes sure a run belongs to the app it is asked under.
+fn app_run(state: &ApiState, app: &str, run_id: i64) -> Result<RunSummary, (StatusCode, String)> {
+    if !state.apps.iter().any(|a| a.name == app) {
+        return Err((
+            StatusCode::NOT_FOUND,
+            format!("no application `{app}` in hub.toml"),
+        ));
+    }
+    match state.store.run(app, run_id) {
+        Ok(Some(summary)) => Ok(summary),
+        Ok(None) => Err((
+            StatusCode::NOT_FOUND,
+            format!("no run {run_id} of `{app}` is kept"),
+        )),
+        Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+async fn run(
+    State(state): State<ApiState>,
+    Path((app, run_id)): Path<(String, i64)>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    match app_run(&state, &app, run_id) {
+        Ok(summary) => Json(summary).into_response(),
+        Err((status, message)) => error(status, message),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct OpsPage {
+    /// Operations after this position (exclusive); from the first when absent.
+    after: Option<u32>,
+    limit: Option<usize>,
+    /// Only the failed ones.
+    #[serde(default)]
+    failed: bool,
+}
+
+async fn operations(
+    State(state): State<ApiState>,
+    Path((app, run_id)): Path<(String, i64)>,
+    Query(page): Query<OpsPage>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    if let Err((status, message)) = app_run(&state, &app, run_id) {
+        return error(status, message);
+    }
+    let limit = page.limit.unwrap_or(100).clamp(1, 1000);
+    match state
+        .store
+        .operations(run_id, page.after, limit, page.failed)
+    {
+        Ok(ops) => {
+            let next = if ops.len() == limit {
+                ops.last().map(|o| o.seq)
+            } else {
+                None
+            };
+            Json(serde_json::json!({ "run_id": run_id, "operations": ops, "next_after": next }))
+                .into_response()
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

@@ -1,31 +1,33 @@
 //! Reconciler: one per application. Decides when to run (at start after a short grace, every
 //! interval, on demand, and again as soon as a connector appears after a run that had none),
 //! computes the desired users from the directory and the access rule, and applies the plan
-//! through the tunnel. Each run is recorded in the state store.
+//! through the tunnel. Each run is recorded, with its operations, in the state store.
 //!
-//! It only ever deprovisions users recorded as managed for its own application.
+//! One run at a time: the run goes on in a task of its own that reports back, so the actor keeps
+//! answering (status, last run) while it lasts, and a forced sync that arrives meanwhile joins
+//! the running run instead of starting another. It only ever deprovisions users recorded as
+//! managed for its own application.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
 use super::tunnel_transport::TunnelTransport;
 use crate::config::directory::{DirUser, Directory};
 use crate::config::hub::{AppConfig, DeprovisionMode as ConfigMode};
-use crate::messages::hub::{ReconcilerMsg, RegistryMsg, RunSummary};
+use crate::messages::hub::{
+    OperationRecord, ReconcilerMsg, ReconcilerStatus, RegistryMsg, RunSummary, SyncOutcome,
+};
 use crate::scim::client::ScimClient;
 use crate::scim::diff::{DeprovisionMode, DesiredUser};
-use crate::scim::error::ScimError;
+use crate::scim::error::NO_CONNECTOR;
 use crate::scim::resources::ScimEmail;
 use crate::scim::sync::sync_users;
-use crate::scim::transport::TransportError;
 use crate::store::Store;
-
-/// Requests one application's run may have in flight at once.
-const CONCURRENCY: usize = 8;
 
 /// What a Reconciler starts from.
 #[derive(Clone)]
@@ -41,11 +43,21 @@ pub struct ReconcilerArgs {
 /// The Reconciler actor.
 pub struct Reconciler;
 
-/// Schedule and last result of one application.
+/// The run going on now.
+struct Running {
+    started_unix_ms: u64,
+    /// Forced syncs waiting for this run, each marked whether it joined a run it did not start.
+    waiters: Vec<(RpcReplyPort<SyncOutcome>, bool)>,
+    /// The run itself, to stop it with the actor.
+    task: AbortHandle,
+}
+
+/// Schedule, last result and current run of one application.
 pub struct ReconcilerState {
     args: ReconcilerArgs,
     next_due: Instant,
     last: Option<RunSummary>,
+    running: Option<Running>,
 }
 
 impl Actor for Reconciler {
@@ -72,6 +84,7 @@ impl Actor for Reconciler {
             next_due: Instant::now() + args.startup_grace,
             args,
             last,
+            running: None,
         })
     }
 
@@ -83,17 +96,27 @@ impl Actor for Reconciler {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             ReconcilerMsg::Tick => {
-                // Ticks from superseded schedules arrive early and are ignored.
-                if Instant::now() >= state.next_due {
-                    run_and_reschedule(&myself, state).await;
+                // Ticks from superseded schedules arrive early and are ignored; a run going on
+                // reschedules when it ends.
+                if Instant::now() >= state.next_due && state.running.is_none() {
+                    start_run(&myself, state, None);
                 }
             }
-            ReconcilerMsg::ForceSync(reply) => {
-                let summary = run_and_reschedule(&myself, state).await;
-                let _ = reply.send(summary);
-            }
+            ReconcilerMsg::ForceSync(reply) => match &mut state.running {
+                Some(running) => {
+                    info!(app = %state.args.app.name, "forced sync joins the run already going");
+                    running.waiters.push((reply, true));
+                }
+                None => start_run(&myself, state, Some(reply)),
+            },
             ReconcilerMsg::LastRun(reply) => {
                 let _ = reply.send(state.last.clone());
+            }
+            ReconcilerMsg::Status(reply) => {
+                let _ = reply.send(ReconcilerStatus {
+                    last: state.last.clone(),
+                    running_since_unix_ms: state.running.as_ref().map(|r| r.started_unix_ms),
+                });
             }
             ReconcilerMsg::ConnectorAvailable => {
                 let waiting_for_connector = state.last.as_ref().is_some_and(|l| {
@@ -102,44 +125,93 @@ impl Actor for Reconciler {
                             .as_deref()
                             .is_some_and(|m| m.starts_with(NO_CONNECTOR))
                 });
-                if waiting_for_connector {
+                if waiting_for_connector && state.running.is_none() {
                     info!(app = %state.args.app.name, "a connector is available again; running now");
-                    run_and_reschedule(&myself, state).await;
+                    start_run(&myself, state, None);
                 }
             }
+            ReconcilerMsg::RunFinished(summary) => {
+                let interval = state.args.app.interval;
+                state.next_due = Instant::now() + interval;
+                myself.send_after(interval, || ReconcilerMsg::Tick);
+                if let Some(running) = state.running.take() {
+                    for (reply, joined) in running.waiters {
+                        let _ = reply.send(SyncOutcome {
+                            run: (*summary).clone(),
+                            joined,
+                        });
+                    }
+                }
+                state.last = Some(*summary);
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // The run's requests stop with it; its waiters hear that the reconciler is gone.
+        if let Some(running) = state.running.take() {
+            running.task.abort();
         }
         Ok(())
     }
 }
 
-const NO_CONNECTOR: &str = "no connector available";
-
-async fn run_and_reschedule(
+/// Starts a run in a task of its own, which reports back with [`ReconcilerMsg::RunFinished`],
+/// even when the run panics.
+fn start_run(
     myself: &ActorRef<ReconcilerMsg>,
     state: &mut ReconcilerState,
-) -> RunSummary {
-    let summary = run_once(&state.args).await;
-    let interval = state.args.app.interval;
-    state.next_due = Instant::now() + interval;
-    myself.send_after(interval, || ReconcilerMsg::Tick);
-    state.last = Some(summary.clone());
-    summary
+    waiter: Option<RpcReplyPort<SyncOutcome>>,
+) {
+    let started = SystemTime::now();
+    let args = state.args.clone();
+    let me = myself.clone();
+    let app = args.app.name.clone();
+    let run = tokio::spawn(async move { run_once(&args, started).await });
+    let task = run.abort_handle();
+    tokio::spawn(async move {
+        let summary = run.await.unwrap_or_else(|e| {
+            warn!(app = %app, "the run failed inside the hub: {e}");
+            RunSummary {
+                app,
+                started_unix_ms: unix_ms(started),
+                message: Some(format!(
+                    "internal error of the hub during the run ({e}): see the hub's log; the next run starts afresh"
+                )),
+                ..Default::default()
+            }
+        });
+        let _ = me.cast(ReconcilerMsg::RunFinished(Box::new(summary)));
+    });
+    state.running = Some(Running {
+        started_unix_ms: unix_ms(started),
+        waiters: waiter.map(|w| (w, false)).into_iter().collect(),
+        task,
+    });
 }
 
-/// One full reconciliation of the application's users.
-pub async fn run_once(args: &ReconcilerArgs) -> RunSummary {
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// One full reconciliation of the application's users, recorded in the store.
+pub async fn run_once(args: &ReconcilerArgs, started: SystemTime) -> RunSummary {
     let app = &args.app;
-    let started = SystemTime::now();
     let clock = Instant::now();
     let mut summary = RunSummary {
         app: app.name.clone(),
-        started_unix_ms: started
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        started_unix_ms: unix_ms(started),
         ..Default::default()
     };
-    let outcome = reconcile(args, &mut summary).await;
+    let mut operations = Vec::new();
+    let outcome = reconcile(args, &mut summary, &mut operations).await;
     summary.duration_ms = clock.elapsed().as_millis() as u64;
     match outcome {
         Ok(()) => summary.ok = summary.failed == 0,
@@ -148,7 +220,7 @@ pub async fn run_once(args: &ReconcilerArgs) -> RunSummary {
             summary.message = Some(message);
         }
     }
-    match args.store.record_run(&summary) {
+    match args.store.record_run(&summary, &operations) {
         Ok(id) => summary.run_id = id,
         Err(e) => warn!(app = %app.name, "cannot record the run: {e}"),
     }
@@ -160,7 +232,13 @@ pub async fn run_once(args: &ReconcilerArgs) -> RunSummary {
     summary
 }
 
-async fn reconcile(args: &ReconcilerArgs, summary: &mut RunSummary) -> Result<(), String> {
+/// Runs the sync; its operations go to `operations`, which is where further resource kinds
+/// (groups) add theirs.
+async fn reconcile(
+    args: &ReconcilerArgs,
+    summary: &mut RunSummary,
+    operations: &mut Vec<OperationRecord>,
+) -> Result<(), String> {
     let app = &args.app;
     let directory = Directory::load(&args.directory).map_err(|e| e.to_string())?;
     let granted = directory.granted(&app.grant);
@@ -177,14 +255,15 @@ async fn reconcile(args: &ReconcilerArgs, summary: &mut RunSummary) -> Result<()
         app.base_url.path.clone(),
         app.auth.authorization().map(|s| s.expose().to_string()),
         app.page_size,
-    );
+    )
+    .with_max_in_flight(app.concurrency);
     let mode = match app.deprovision {
         ConfigMode::Delete => DeprovisionMode::Delete,
         ConfigMode::Deactivate => DeprovisionMode::Deactivate,
     };
-    let report = sync_users(&client, &desired, &managed, mode, CONCURRENCY)
+    let report = sync_users(&client, &desired, &managed, mode, app.concurrency)
         .await
-        .map_err(|e| diagnosis(&e))?;
+        .map_err(|e| e.diagnosis())?;
     args.store
         .set_managed_users(&app.name, &report.managed_after)
         .map_err(|e| e.to_string())?;
@@ -196,17 +275,10 @@ async fn reconcile(args: &ReconcilerArgs, summary: &mut RunSummary) -> Result<()
     summary.unmanaged = report.unmanaged;
     summary.failed = report.failed;
     summary.requests = report.requests;
-    summary.message = report.first_error.as_ref().map(diagnosis);
+    summary.retries = report.retries;
+    summary.message = report.first_error.as_ref().map(|e| e.diagnosis());
+    operations.extend(report.operations);
     Ok(())
-}
-
-fn diagnosis(error: &ScimError) -> String {
-    match error {
-        ScimError::Transport(TransportError::NoConnector { reason }) => {
-            format!("{NO_CONNECTOR}: {reason}")
-        }
-        other => other.diagnosis(),
-    }
 }
 
 /// The SCIM shape of a directory user as this application should hold it.

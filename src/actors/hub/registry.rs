@@ -15,7 +15,7 @@ use crate::messages::hub::{
     AgentEntry, AgentSessionMsg, AgentStatus, ReconcilerMsg, RegistryMsg, ServiceStatus,
 };
 use crate::messages::TargetInfo;
-use crate::scim::transport::TransportError;
+use crate::scim::transport::{NoConnectorKind, TransportError};
 
 /// The Registry actor.
 pub struct Registry;
@@ -99,8 +99,8 @@ impl Actor for Registry {
             } => {
                 let choice = pick_agent(state, &service, &request.target);
                 match choice {
-                    Err(reason) => {
-                        let _ = reply.send(Err(TransportError::NoConnector { reason }));
+                    Err((kind, reason)) => {
+                        let _ = reply.send(Err(TransportError::NoConnector { kind, reason }));
                     }
                     Ok(session) => {
                         if let Err(MessagingErr::SendErr(AgentSessionMsg::Forward {
@@ -164,16 +164,31 @@ fn pick_agent(
     state: &mut RegistryState,
     service: &str,
     target: &str,
-) -> Result<ActorRef<AgentSessionMsg>, String> {
+) -> Result<ActorRef<AgentSessionMsg>, (NoConnectorKind, String)> {
     match state.book.is_enabled(service) {
-        None => return Err(format!("service `{service}` is not configured on the hub")),
-        Some(false) => return Err(format!("service `{service}` is switched off")),
+        None => {
+            return Err((
+                NoConnectorKind::UnknownService,
+                format!("service `{service}` is not configured on the hub"),
+            ))
+        }
+        Some(false) => {
+            return Err((
+                NoConnectorKind::ServiceOff,
+                format!(
+                    "service `{service}` is switched off: switch it on (`enabled = true` in hub.toml, or PUT /api/services/{service}/enabled)"
+                ),
+            ))
+        }
         Some(true) => {}
     }
     let agents = state.agents.get(service).map(Vec::as_slice).unwrap_or(&[]);
     if agents.is_empty() {
-        return Err(format!(
-            "no agent is connected for service `{service}`: start `connect run` on the agent VM and check its log"
+        return Err((
+            NoConnectorKind::NoAgent,
+            format!(
+                "no agent is connected for service `{service}`: start `connect run` on the agent VM and check its log"
+            ),
         ));
     }
     let able: Vec<&AgentEntry> = agents
@@ -182,9 +197,12 @@ fn pick_agent(
         .collect();
     if able.is_empty() {
         warn!(service = %service, target = %target, "no connected agent advertises the target");
-        return Err(format!(
-            "{} agent(s) connected for service `{service}`, but none advertises target `{target}`: run `connect set-target {target} <host:port>` on the agent",
-            agents.len()
+        return Err((
+            NoConnectorKind::NoTarget,
+            format!(
+                "{} agent(s) connected for service `{service}`, but none advertises target `{target}`: run `connect set-target {target} <host:port>` on the agent",
+                agents.len()
+            ),
         ));
     }
     state.next_pick = state.next_pick.wrapping_add(1);
