@@ -642,6 +642,17 @@ impl AgentConfig {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         parse_with(text, path, Secrets::Resolve)
     }
+
+    /// Reads and validates `path` without resolving its secrets (`service_id` is left empty),
+    /// for commands that need only the other keys, such as `connect status` run from a shell
+    /// that lacks the agent's environment variables or secret files.
+    pub fn load_unresolved(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        parse_with(&text, path, Secrets::Skip)
+    }
 }
 
 /// A `connect set-target` request.

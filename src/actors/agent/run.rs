@@ -6,11 +6,13 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use tokio::task::JoinHandle;
 
-use super::session::HubEndpoint;
+use super::control::{self, ControlError};
+use super::session::{HubEndpoint, DRAIN_DEADLINE};
 use super::supervisor::{
-    AgentSupervisor, AgentSupervisorArgs, AgentSupervisorMsg, SessionTemplate,
+    AgentInfo, AgentSupervisor, AgentSupervisorArgs, AgentSupervisorMsg, ControlSocket,
+    SessionTemplate,
 };
-use crate::config::agent::{AgentConfig, TlsMode};
+use crate::config::agent::{AgentConfig, ProxyConfig, TlsMode};
 use crate::messages::agent::{DialerLimits, TargetSpec, TargetTls};
 use crate::messages::agent::{SessionMsg, SessionStatus};
 use crate::tunnel;
@@ -37,6 +39,8 @@ pub enum AgentError {
     },
     #[error("{file}: proxy is set, but this build does not dial through a proxy yet; remove the proxy line or allow direct outbound 443 to the hub")]
     ProxyUnsupported { file: String },
+    #[error("{file}: state_dir: {source}")]
+    Control { file: String, source: ControlError },
     #[error("cannot start the agent's actors: {0}")]
     Spawn(String),
 }
@@ -48,7 +52,7 @@ pub struct AgentHandle {
 }
 
 impl AgentHandle {
-    async fn session(&self) -> Option<ActorRef<SessionMsg>> {
+    pub(crate) async fn session(&self) -> Option<ActorRef<SessionMsg>> {
         match self
             .supervisor
             .call(
@@ -74,11 +78,22 @@ impl AgentHandle {
         }
     }
 
-    /// Says goodbye to the hub, then stops every actor.
+    /// The supervisor, for in-crate tests.
+    #[cfg(test)]
+    pub(crate) fn supervisor(&self) -> &ActorRef<AgentSupervisorMsg> {
+        &self.supervisor
+    }
+
+    /// Stops gracefully: the hub is told goodbye (it routes nothing more here), requests in
+    /// flight get up to the drain deadline to finish, the tunnel is closed, then every actor
+    /// stops.
     pub async fn shutdown(self) {
         if let Some(session) = self.session().await {
             let _ = session
-                .call(SessionMsg::Shutdown, Some(Duration::from_secs(5)))
+                .call(
+                    SessionMsg::Shutdown,
+                    Some(DRAIN_DEADLINE + Duration::from_secs(5)),
+                )
                 .await;
         }
         self.supervisor.stop(None);
@@ -149,6 +164,11 @@ pub async fn start(config: &AgentConfig) -> Result<AgentHandle, AgentError> {
         dir: config.state_dir.display().to_string(),
         source,
     })?;
+    let socket = control::socket_path(&config.state_dir);
+    let listener = control::bind(&socket).map_err(|source| AgentError::Control {
+        file: file.clone(),
+        source,
+    })?;
     let service_id = config.service_id.expose();
     let agent_name = config.agent_name.clone().unwrap_or_else(host_name);
     let args = AgentSupervisorArgs {
@@ -158,13 +178,40 @@ pub async fn start(config: &AgentConfig) -> Result<AgentHandle, AgentError> {
             hub,
             lookup_hash: tunnel::lookup_hash(service_id),
             psk: tunnel::service_psk(service_id),
+            agent_name: agent_name.clone(),
+            drain_deadline: DRAIN_DEADLINE,
+        },
+        config: Some(config.clone()),
+        control: Some(ControlSocket {
+            path: socket,
+            listener: Some(listener),
+        }),
+        info: AgentInfo {
             agent_name,
+            config: Some(config.path.clone()),
+            proxy: config.proxy.as_ref().map(proxy_display),
         },
     };
     let (supervisor, join) = Actor::spawn(None, AgentSupervisor, args)
         .await
         .map_err(|e| AgentError::Spawn(e.to_string()))?;
     Ok(AgentHandle { supervisor, join })
+}
+
+/// The proxy as status shows it: scheme, host and port, never the credentials.
+pub fn proxy_display(proxy: &ProxyConfig) -> String {
+    let host = if proxy.host.contains(':') {
+        format!("[{}]", proxy.host)
+    } else {
+        proxy.host.clone()
+    };
+    let scheme = if proxy.scheme_https { "https" } else { "http" };
+    let auth = if proxy.username.is_some() || proxy.password.is_some() {
+        " (with credentials)"
+    } else {
+        ""
+    };
+    format!("{scheme}://{host}:{}{auth}", proxy.port)
 }
 
 fn check_state_dir(config: &AgentConfig) -> std::io::Result<()> {
