@@ -223,14 +223,14 @@ async fn run_agent(path: PathBuf) -> ExitCode {
 }
 
 async fn status(path: PathBuf, json: bool) -> ExitCode {
-    let config = match AgentConfig::load_unresolved(&path) {
-        Ok(c) => c,
+    let state_dir = match AgentConfig::state_dir_of(&path) {
+        Ok(dir) => dir,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let socket = actors::agent::control::socket_path(&config.state_dir);
+    let socket = actors::agent::control::socket_path(&state_dir);
     match actors::agent::control::query(&socket).await {
         Ok(report) => {
             if json {

@@ -40,11 +40,8 @@ async fn status_shows_the_tunnel_and_each_target_without_secrets() {
         ],
         &[],
     );
-    let agent = deployment.spawn_agent_with_env(
-        "agent",
-        &ini,
-        &[("CONNECT_TEST_SERVICE_ID", SERVICE_ID)],
-    );
+    let agent =
+        deployment.spawn_agent_with_env("agent", &ini, &[("CONNECT_TEST_SERVICE_ID", SERVICE_ID)]);
     deployment.agent = Some(agent);
     deployment.wait_for_agent("crm-scim").await;
     let (code, out) = deployment.sync("crm");
@@ -80,10 +77,7 @@ async fn status_shows_the_tunnel_and_each_target_without_secrets() {
     assert_eq!(targets[1]["name"], "vault");
     assert_eq!(targets[1]["tls"], "always");
     assert!(report["restarts"].is_object(), "{report}");
-    assert!(report["config"]
-        .as_str()
-        .unwrap()
-        .ends_with("config.ini"));
+    assert!(report["config"].as_str().unwrap().ends_with("config.ini"));
 
     // The table says the same things, readably.
     let (code, table, err) = deployment.status(&ini, false);
@@ -132,11 +126,15 @@ async fn exit_code_says_connected_not_connected_or_no_agent() {
     // The hub goes away: the agent runs on, not connected.
     deployment.hub.stop();
     let mut last = (0, String::new(), String::new());
-    let noticed = wait_until("status to say not connected", Duration::from_secs(15), || {
-        last = deployment.status(&ini, false);
-        let done = last.0 == 1;
-        async move { done }
-    })
+    let noticed = wait_until(
+        "status to say not connected",
+        Duration::from_secs(15),
+        || {
+            last = deployment.status(&ini, false);
+            let done = last.0 == 1;
+            async move { done }
+        },
+    )
     .await;
     noticed.unwrap_or_else(|e| panic!("{e}: {last:?}\n{}", deployment.logs()));
     assert!(
@@ -171,7 +169,9 @@ async fn exit_code_says_connected_not_connected_or_no_agent() {
     let status = second.wait_exit(Duration::from_secs(10)).await.unwrap();
     assert_eq!(status.code(), Some(2), "{}", second.logs());
     assert!(
-        second.logs().contains("another agent already runs with this state_dir"),
+        second
+            .logs()
+            .contains("another agent already runs with this state_dir"),
         "{}",
         second.logs()
     );
