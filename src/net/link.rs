@@ -242,6 +242,45 @@ mod tests {
         }
     }
 
+    /// A goodbye announces a stop; it must not cut off the responses the sender still owes.
+    /// `close` sends everything queued before it, then closes the websocket.
+    #[tokio::test]
+    async fn a_goodbye_leaves_the_link_open_and_close_flushes_what_is_queued() {
+        let (agent_sealer, agent_opener, _hub_sealer, hub_opener) = ciphers();
+        let (agent_ws, mut hub_ws) = ws_pair().await;
+        let mut agent = Link::spawn(agent_ws, agent_sealer, agent_opener, |_| {});
+        let mut hub_opener = hub_opener;
+        let goodbye = Frame::Goodbye {
+            reason: "stopping".into(),
+        };
+        let pong = Frame::Pong {
+            seq: 9,
+            sent_micros: 9,
+        };
+        agent.send(goodbye.clone());
+        agent.send(pong.clone());
+        agent.send(pong.clone());
+        agent.close(std::time::Duration::from_secs(2)).await;
+        assert!(agent.is_finished());
+        assert!(!agent.send(pong.clone()), "nothing is sent after close");
+
+        let mut received = Vec::new();
+        let closed = loop {
+            match hub_ws.next().await {
+                Some(Ok(Message::Binary(record))) => {
+                    if let Some(frame) = hub_opener.open(&record).unwrap() {
+                        received.push(frame);
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => break true,
+                Some(Ok(_)) => {}
+                Some(Err(_)) => break false,
+            }
+        };
+        assert_eq!(received, vec![goodbye, pong.clone(), pong]);
+        assert!(closed, "the websocket was closed cleanly");
+    }
+
     #[tokio::test]
     async fn a_replayed_record_ends_the_link() {
         let (mut agent_sealer, _agent_opener, hub_sealer, hub_opener) = ciphers();

@@ -456,3 +456,124 @@ fn human(secs: u64) -> String {
         _ => format!("{}d {}h", secs / 86400, secs % 86400 / 3600),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actors::agent::run::proxy_display;
+    use crate::config::agent::AgentConfig;
+    use crate::messages::agent::{HandshakeInfo, TargetStats};
+
+    const ID: &str = "status-test-service-id-0123456789";
+
+    fn config(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.ini");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn the_report_shows_the_proxy_without_its_credentials() {
+        let (_dir, path) = config(&format!(
+            "service_id = {ID}\nhub = wss://hub.example.com/v1/connect\nproxy = https://squid-user:pr0xy-pa55@proxy.lan:3128\n"
+        ));
+        let agent = AgentConfig::load(&path).unwrap();
+        let report = AgentReport {
+            version: REPORT_VERSION,
+            agent_name: "vm-01".into(),
+            pid: 42,
+            config: Some(path.display().to_string()),
+            proxy: agent.proxy.as_ref().map(proxy_display),
+            session: SessionStatus {
+                phase: SessionPhase::Connected,
+                connected: true,
+                hub: agent.hub.clone(),
+                connected_since_unix: Some(1),
+                last_rtt_micros: Some(1500),
+                last_heard_unix_ms: Some(1000),
+                last_handshake: Some(HandshakeInfo {
+                    at_unix: 1,
+                    duration_ms: 12,
+                    error: None,
+                }),
+                connects: 3,
+                in_flight: 2,
+                last_error: None,
+            },
+            targets: vec![TargetStats {
+                name: "crm".into(),
+                addr: "10.0.0.12:443".into(),
+                tls: "always".into(),
+                in_flight: 2,
+                forwarded: 120,
+                errors: 1,
+                last_error: Some("connection to 10.0.0.12:443 refused".into()),
+                forward_restarts: 0,
+            }],
+            restarts: [("session".to_string(), 2)].into_iter().collect(),
+            last_reload: None,
+        };
+        let table = render(&report);
+        let json = serde_json::to_string(&report).unwrap();
+        for text in [&table, &json] {
+            for secret in [ID, "squid-user", "pr0xy-pa55"] {
+                assert!(!text.contains(secret), "`{secret}` shown:\n{text}");
+            }
+        }
+        assert!(
+            table.contains("proxy       https://proxy.lan:3128 (with credentials)"),
+            "{table}"
+        );
+        assert!(table.contains("session     connected, since "), "{table}");
+        assert!(table.contains("round trip 1.5 ms"), "{table}");
+        assert!(table.contains("tunnel      3 connect(s), 2 request(s) in flight"));
+        assert!(table.contains("restarts    session 2"), "{table}");
+        assert!(
+            table.contains("crm     10.0.0.12:443  always  2          120        1       connection to 10.0.0.12:443 refused"),
+            "{table}"
+        );
+        let back: AgentReport = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.targets, report.targets);
+    }
+
+    #[test]
+    fn status_finds_state_dir_without_secrets_and_despite_a_broken_target() {
+        let (dir, path) = config(
+            "service_id = env:CONNECT_STATUS_TEST_UNSET_VARIABLE\nstate_dir = /var/lib/connect\nhub = wss://h/\n\n[target.broken]\naddr = no-port\n",
+        );
+        assert!(AgentConfig::load(&path).is_err());
+        assert_eq!(
+            AgentConfig::state_dir_of(&path).unwrap(),
+            PathBuf::from("/var/lib/connect")
+        );
+        std::fs::write(&path, "service_id = env:X\nhub = wss://h/\n").unwrap();
+        assert_eq!(
+            AgentConfig::state_dir_of(&path).unwrap(),
+            dir.path().join("run")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_stale_socket_means_no_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path());
+        let missing = query(&path).await.unwrap_err().to_string();
+        assert!(missing.contains("does not exist"), "{missing}");
+        assert!(missing.contains(&path.display().to_string()), "{missing}");
+
+        // A socket file whose agent is gone: refused on connect, and replaced by the next bind.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let stale = query(&path).await.unwrap_err().to_string();
+        assert!(stale.contains("left over"), "{stale}");
+        let listener = bind(&path).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(
+            bind(&path),
+            Err(ControlError::AlreadyRunning { .. })
+        ));
+        drop(listener);
+    }
+}

@@ -14,4 +14,6 @@ pub use dialer::{Dialers, TargetDialer};
 pub use forward::Forward;
 
 #[cfg(test)]
+mod lifecycle_tests;
+#[cfg(test)]
 mod tests;

@@ -49,6 +49,7 @@ pub enum AgentError {
 pub struct AgentHandle {
     supervisor: ActorRef<AgentSupervisorMsg>,
     join: JoinHandle<()>,
+    drain_deadline: Duration,
 }
 
 impl AgentHandle {
@@ -78,12 +79,6 @@ impl AgentHandle {
         }
     }
 
-    /// The supervisor, for in-crate tests.
-    #[cfg(test)]
-    pub(crate) fn supervisor(&self) -> &ActorRef<AgentSupervisorMsg> {
-        &self.supervisor
-    }
-
     /// Stops gracefully: the hub is told goodbye (it routes nothing more here), requests in
     /// flight get up to the drain deadline to finish, the tunnel is closed, then every actor
     /// stops.
@@ -92,7 +87,7 @@ impl AgentHandle {
             let _ = session
                 .call(
                     SessionMsg::Shutdown,
-                    Some(DRAIN_DEADLINE + Duration::from_secs(5)),
+                    Some(self.drain_deadline + Duration::from_secs(5)),
                 )
                 .await;
         }
@@ -152,8 +147,31 @@ pub fn target_spec(target: &crate::config::agent::TargetConfig) -> TargetSpec {
     }
 }
 
+/// Tuning that tests change.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// How long requests in flight may take to finish once the agent is stopping.
+    pub drain_deadline: Duration,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            drain_deadline: DRAIN_DEADLINE,
+        }
+    }
+}
+
 /// Checks the state directory and starts the agent's actor tree.
 pub async fn start(config: &AgentConfig) -> Result<AgentHandle, AgentError> {
+    start_with(config, AgentOptions::default()).await
+}
+
+/// [`start`] with chosen options.
+pub async fn start_with(
+    config: &AgentConfig,
+    options: AgentOptions,
+) -> Result<AgentHandle, AgentError> {
     let file = config.path.display().to_string();
     if config.proxy.is_some() {
         return Err(AgentError::ProxyUnsupported { file });
@@ -179,7 +197,7 @@ pub async fn start(config: &AgentConfig) -> Result<AgentHandle, AgentError> {
             lookup_hash: tunnel::lookup_hash(service_id),
             psk: tunnel::service_psk(service_id),
             agent_name: agent_name.clone(),
-            drain_deadline: DRAIN_DEADLINE,
+            drain_deadline: options.drain_deadline,
         },
         config: Some(config.clone()),
         control: Some(ControlSocket {
@@ -195,7 +213,11 @@ pub async fn start(config: &AgentConfig) -> Result<AgentHandle, AgentError> {
     let (supervisor, join) = Actor::spawn(None, AgentSupervisor, args)
         .await
         .map_err(|e| AgentError::Spawn(e.to_string()))?;
-    Ok(AgentHandle { supervisor, join })
+    Ok(AgentHandle {
+        supervisor,
+        join,
+        drain_deadline: options.drain_deadline,
+    })
 }
 
 /// The proxy as status shows it: scheme, host and port, never the credentials.
