@@ -298,3 +298,42 @@ async fn requests_outlasting_the_drain_deadline_are_answered_as_shutting_down() 
     assert!(rig.sessions().await.is_empty(), "the hub let the agent go");
     rig.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_session_does_not_trip_over_the_requests_of_the_dead_one() {
+    let mut server = serve(
+        handler(|seen| {
+            if seen.path.contains("/slow") {
+                Reply::Hang
+            } else {
+                Reply::Close(ok(b"fresh"))
+            }
+        }),
+        None,
+    )
+    .await;
+    let rig = Arc::new(Rig::start(server.addr, AgentOptions::default()).await);
+    let first = rig.sessions().await;
+    let slow = {
+        let rig = rig.clone();
+        tokio::spawn(async move { route(rig.hub(), request("/v2/slow", false)).await })
+    };
+    server.next_seen().await;
+    rig.agent().session().await.unwrap().kill();
+    match slow.await.unwrap() {
+        Err(TransportError::Tunnel { .. }) => {}
+        other => panic!("expected a tunnel error, got {other:?}"),
+    }
+    rig.wait_for(
+        |now| !now.is_empty() && now != first.as_slice(),
+        "a new session to register",
+    )
+    .await;
+    // The new tunnel's first request has the same id as the dead tunnel's hanging one.
+    let fresh = route(rig.hub(), request("/v2/Users", false))
+        .await
+        .expect("the dead tunnel's request is no longer in the way");
+    assert_eq!(fresh.body, b"fresh");
+    assert_eq!(rig.report().await.targets[0].in_flight, 0);
+    Arc::into_inner(rig).unwrap().stop().await;
+}

@@ -87,9 +87,13 @@ fn lock(set: &InFlight) -> std::sync::MutexGuard<'_, HashSet<u64>> {
     set.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// One live connection.
+/// One live connection. Dropping it (tunnel lost, Session stopped, killed or failed) cancels,
+/// at their dialers, the requests still in flight on it: nobody is left to receive their
+/// answers, and the next tunnel numbers its requests from 1 again.
 struct Connection {
     generation: u64,
+    /// The dialers its requests went to (kept in step with the Session's).
+    dialers: Dialers,
     link: Link,
     pump: JoinHandle<()>,
     responses: mpsc::UnboundedSender<ForwardResponse>,
@@ -103,6 +107,16 @@ struct Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.pump.abort();
+        let ids: Vec<u64> = lock(&self.in_flight).drain().collect();
+        if !ids.is_empty() {
+            debug!(
+                count = ids.len(),
+                "cancelling the requests of a closed tunnel"
+            );
+        }
+        for id in ids {
+            self.dialers.cancel(id);
+        }
     }
 }
 
@@ -158,17 +172,6 @@ impl Actor for Session {
         })
     }
 
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        if let Some(conn) = state.conn.take() {
-            cancel_in_flight(&state.args.dialers, &conn);
-        }
-        Ok(())
-    }
-
     /// The only child is the KeyExchange of the current connection attempt. Its normal end is
     /// expected; its failure already surfaced as a failed call. Neither ends this actor (the
     /// default would stop the parent when a child stops).
@@ -220,6 +223,9 @@ impl Actor for Session {
             SessionMsg::Dialers(dialers) => {
                 state.args.dialers = dialers;
                 let targets = state.args.dialers.targets();
+                if let Some(conn) = state.conn.as_mut() {
+                    conn.dialers = state.args.dialers.clone();
+                }
                 match &state.conn {
                     Some(conn) if conn.welcomed && state.stopping.is_none() => {
                         info!(targets = ?names(&targets), "advertising the new target set to the hub");
@@ -270,20 +276,6 @@ impl Actor for Session {
 
 fn names(targets: &[crate::messages::TargetInfo]) -> Vec<&str> {
     targets.iter().map(|t| t.name.as_str()).collect()
-}
-
-/// Cancels, at their dialers, the requests a lost tunnel was still waiting for.
-fn cancel_in_flight(dialers: &Dialers, conn: &Connection) {
-    let ids: Vec<u64> = lock(&conn.in_flight).drain().collect();
-    if !ids.is_empty() {
-        debug!(
-            count = ids.len(),
-            "cancelling the requests of a closed tunnel"
-        );
-    }
-    for id in ids {
-        dialers.cancel(id);
-    }
 }
 
 impl Session {
@@ -369,6 +361,7 @@ impl Session {
         });
         state.conn = Some(Connection {
             generation,
+            dialers: state.args.dialers.clone(),
             link,
             pump,
             responses,
@@ -381,19 +374,12 @@ impl Session {
         debug!(hub = %hub, "tunnel established, waiting for the hub's welcome");
     }
 
-    /// The delay before the next attempt: short during the first minute of an outage, then
-    /// growing to the full cap.
     fn retry_delay(&self, state: &mut SessionState) -> Duration {
         let outage = state
             .outage_since
             .get_or_insert_with(Instant::now)
             .elapsed();
-        let cap = if outage < FAST_RETRY_WINDOW {
-            FAST_RETRY_CAP
-        } else {
-            BACKOFF_CAP
-        };
-        state.backoff.next_delay_capped(cap)
+        retry_delay(&mut state.backoff, outage)
     }
 
     async fn heartbeat(&self, myself: &ActorRef<SessionMsg>, state: &mut SessionState) {
@@ -418,9 +404,7 @@ impl Session {
     }
 
     async fn lost(&self, myself: &ActorRef<SessionMsg>, state: &mut SessionState, why: String) {
-        if let Some(conn) = state.conn.take() {
-            cancel_in_flight(&state.args.dialers, &conn);
-        }
+        state.conn = None;
         state.status.connected = false;
         state.status.connected_since_unix = None;
         if state.stopping.is_some() {
@@ -544,6 +528,17 @@ impl Session {
     }
 }
 
+/// The delay before the next attempt, `outage` into an outage: at most [`FAST_RETRY_CAP`]
+/// during the first [`FAST_RETRY_WINDOW`], then growing to [`BACKOFF_CAP`].
+fn retry_delay(backoff: &mut Backoff, outage: Duration) -> Duration {
+    let cap = if outage < FAST_RETRY_WINDOW {
+        FAST_RETRY_CAP
+    } else {
+        BACKOFF_CAP
+    };
+    backoff.next_delay_capped(cap)
+}
+
 /// TCP, TLS, websocket upgrade and key exchange.
 async fn establish(
     myself: &ActorRef<SessionMsg>,
@@ -627,4 +622,27 @@ fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hub that restarts is found again within seconds however many attempts failed while
+    /// it was down; a hub that stays away is tried less and less often, up to the cap.
+    #[test]
+    fn retries_stay_quick_in_the_first_minute_then_back_off_to_the_cap() {
+        let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_CAP);
+        let mut outage = Duration::ZERO;
+        while outage < FAST_RETRY_WINDOW {
+            let delay = retry_delay(&mut backoff, outage);
+            assert!(delay <= FAST_RETRY_CAP, "{delay:?} at {outage:?}");
+            outage += delay;
+        }
+        let later: Vec<Duration> = (0..5)
+            .map(|_| retry_delay(&mut backoff, FAST_RETRY_WINDOW * 2))
+            .collect();
+        assert!(later.iter().all(|d| *d <= BACKOFF_CAP), "{later:?}");
+        assert!(later.iter().all(|d| *d >= BACKOFF_CAP / 2), "{later:?}");
+    }
 }
