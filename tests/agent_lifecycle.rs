@@ -42,6 +42,55 @@ fn pass_through_later(
     })
 }
 
+type Held = tokio::task::JoinHandle<(Result<HttpResponse, String>, Instant)>;
+
+/// Starts `count` pass-through requests to `path` of app `slow` and waits until the target
+/// holds `holding` requests in all.
+async fn hold(
+    deployment: &Deployment,
+    target: &GatedServer,
+    count: usize,
+    path: &str,
+    holding: usize,
+) -> Vec<Held> {
+    let held = (0..count)
+        .map(|_| pass_through_later(deployment, "slow", path))
+        .collect();
+    wait_or_panic(
+        deployment,
+        &format!("{holding} requests held at the target"),
+        Duration::from_secs(10),
+        || {
+            let n = target.waiting();
+            async move { n == holding }
+        },
+    )
+    .await;
+    held
+}
+
+/// The answers to `held`, each of which must come within 2 s of `since`: none may hang.
+async fn answers(
+    held: Vec<Held>,
+    since: Instant,
+    after: &str,
+) -> Vec<Result<HttpResponse, String>> {
+    let mut all = Vec::new();
+    for request in held {
+        let (result, at) = tokio::time::timeout(Duration::from_secs(5), request)
+            .await
+            .unwrap_or_else(|_| panic!("a request in flight hangs after {after}"))
+            .unwrap();
+        let took = at.duration_since(since);
+        assert!(
+            took < Duration::from_secs(2),
+            "answered {took:?} after {after}"
+        );
+        all.push(result);
+    }
+    all
+}
+
 async fn wait_or_panic<F, Fut>(deployment: &Deployment, what: &str, timeout: Duration, f: F)
 where
     F: FnMut() -> Fut,
@@ -301,28 +350,11 @@ async fn a_killed_hub_gets_its_agent_back_within_5_s_and_no_request_hangs() {
     deployment.wait_for_agent("gated").await;
 
     // Three requests are held at the target when the hub is killed.
-    let held: Vec<_> = (0..3)
-        .map(|_| pass_through_later(&deployment, "slow", "slow/Users"))
-        .collect();
-    wait_or_panic(
-        &deployment,
-        "three requests held at the target",
-        Duration::from_secs(10),
-        || {
-            let n = target.waiting();
-            async move { n == 3 }
-        },
-    )
-    .await;
+    let held = hold(&deployment, &target, 3, "slow/Users", 3).await;
     let old_hub = deployment.kill_hub();
     let killed = Instant::now();
-    for request in held {
-        let (result, at) = tokio::time::timeout(Duration::from_secs(5), request)
-            .await
-            .expect("a request in flight hangs after the hub was killed")
-            .unwrap();
+    for result in answers(held, killed, "the hub was killed").await {
         assert!(result.is_err(), "{result:?}");
-        assert!(at.duration_since(killed) < Duration::from_secs(2));
     }
     // The agent drops the lost tunnel's requests: nobody is left to receive their answers.
     wait_or_panic(
@@ -389,26 +421,10 @@ async fn a_killed_hub_gets_its_agent_back_within_5_s_and_no_request_hangs() {
 
     // The other side of a drop: the agent is killed with requests in flight; the hub answers
     // each at once with an error.
-    let held: Vec<_> = (0..2)
-        .map(|_| pass_through_later(&deployment, "slow", "slow/Groups"))
-        .collect();
-    wait_or_panic(
-        &deployment,
-        "two more requests held at the target",
-        Duration::from_secs(10),
-        || {
-            let n = target.waiting();
-            async move { n == 5 }
-        },
-    )
-    .await;
+    let held = hold(&deployment, &target, 2, "slow/Groups", 5).await;
     deployment.agent().kill_now();
     let killed = Instant::now();
-    for request in held {
-        let (result, at) = tokio::time::timeout(Duration::from_secs(5), request)
-            .await
-            .expect("a request in flight hangs after the agent was killed")
-            .unwrap();
+    for result in answers(held, killed, "the agent was killed").await {
         let response = result.expect("the hub answers");
         assert_eq!(response.status, 502, "{}", response.text());
         assert!(
@@ -416,7 +432,6 @@ async fn a_killed_hub_gets_its_agent_back_within_5_s_and_no_request_hangs() {
             "{}",
             response.text()
         );
-        assert!(at.duration_since(killed) < Duration::from_secs(2));
     }
     let ini = deployment.path("config.ini");
     deployment.agent = Some(deployment.spawn_agent("agent", &ini));
@@ -432,17 +447,9 @@ async fn sigterm_says_goodbye_first_then_lets_requests_in_flight_finish() {
     let mut deployment = deploy(DeploySpec::new(apps, targets)).await;
     deployment.wait_for_agent("gated").await;
 
-    let in_flight = pass_through_later(&deployment, "slow", "slow/Users");
-    wait_or_panic(
-        &deployment,
-        "the request held at the target",
-        Duration::from_secs(10),
-        || {
-            let n = target.waiting();
-            async move { n == 1 }
-        },
-    )
-    .await;
+    let in_flight = hold(&deployment, &target, 1, "slow/Users", 1)
+        .await
+        .remove(0);
     deployment.agent().signal(libc::SIGTERM);
     let stopping = Instant::now();
 

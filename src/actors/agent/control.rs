@@ -253,11 +253,14 @@ pub async fn report(supervisor: &ActorRef<AgentSupervisorMsg>) -> AgentReport {
         },
     };
     let targets = parts.dialers.stats().await;
+    // Every actor is listed, restarted or not, so scripts can rely on the keys.
     let mut restarts = parts.restarts;
+    for actor in ["session", "control"] {
+        restarts.entry(actor.to_string()).or_insert(0);
+    }
     for t in &targets {
-        if t.forward_restarts > 0 {
-            restarts.insert(format!("forward:{}", t.name), t.forward_restarts);
-        }
+        restarts.entry(format!("dialer:{}", t.name)).or_insert(0);
+        restarts.insert(format!("forward:{}", t.name), t.forward_restarts);
     }
     AgentReport {
         version: REPORT_VERSION,
