@@ -12,6 +12,10 @@ use scim_connect::{actors, admin_client, demo, logging};
 
 /// Exit code for bad configuration or usage.
 const EXIT_CONFIG: u8 = 2;
+/// `connect status`: the agent runs but has no tunnel to the hub.
+const EXIT_NOT_CONNECTED: u8 = 1;
+/// `connect status`: no agent answers on the control socket.
+const EXIT_NO_AGENT: u8 = 2;
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +33,16 @@ enum Command {
     /// Run the agent: dial the hub and forward its SCIM requests to declared targets.
     Run {
         /// Agent configuration file.
+        #[arg(long, default_value = "config.ini")]
+        config: PathBuf,
+    },
+    /// Show the running agent's state: tunnel, targets, restarts (exit 0 connected, 1 not
+    /// connected, 2 no agent answering).
+    Status {
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Agent configuration file (only its state_dir is used).
         #[arg(long, default_value = "config.ini")]
         config: PathBuf,
     },
@@ -133,6 +147,7 @@ fn main() -> ExitCode {
                 action: Some(_),
                 ..
             }
+            | Command::Status { .. }
     );
     logging::init(if quiet { "warn" } else { "info" });
     match cli.command {
@@ -163,6 +178,7 @@ fn main() -> ExitCode {
             },
         ),
         Command::Run { config } => runtime().block_on(run_agent(config)),
+        Command::Status { json, config } => runtime().block_on(status(config, json)),
         Command::Hub {
             config,
             action: None,
@@ -238,6 +254,38 @@ async fn run_agent(path: PathBuf) -> ExitCode {
     tracing::info!("{stop}: saying goodbye to the hub");
     agent.shutdown().await;
     ExitCode::SUCCESS
+}
+
+async fn status(path: PathBuf, json: bool) -> ExitCode {
+    let state_dir = match AgentConfig::state_dir_of(&path) {
+        Ok(dir) => dir,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let socket = actors::agent::control::socket_path(&state_dir);
+    match actors::agent::control::query(&socket).await {
+        Ok(report) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", actors::agent::control::render(&report));
+            }
+            if report.session.connected {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_NOT_CONNECTED)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_NO_AGENT)
+        }
+    }
 }
 
 async fn run_hub(path: PathBuf) -> ExitCode {

@@ -756,6 +756,29 @@ impl AgentConfig {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         parse_with(text, path, Secrets::Resolve)
     }
+
+    /// The `state_dir` that config.ini at `path` names (default `run` beside it), read from
+    /// its top-level lines only: `connect status` needs nothing else, and must work from a shell
+    /// without the agent's environment and while a target section is being edited.
+    pub fn state_dir_of(path: &Path) -> Result<PathBuf, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let top: String = ini::raw_lines(&text)
+            .into_iter()
+            .take_while(|line| !line.trim_start().starts_with('['))
+            .collect();
+        let named = ini::parse_lines(&top, path)?
+            .into_iter()
+            .find_map(|line| match line.kind {
+                LineKind::Entry { key, value } if key == "state_dir" && !value.is_empty() => {
+                    Some(value)
+                }
+                _ => None,
+            });
+        Ok(resolve_path(path, named.as_deref().unwrap_or("run")))
+    }
 }
 
 /// A `connect set-target` request.

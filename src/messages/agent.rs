@@ -110,7 +110,7 @@ impl fmt::Debug for DialerMsg {
 }
 
 /// Live state of one target dialer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TargetStats {
     pub name: String,
     pub addr: String,
@@ -128,30 +128,158 @@ pub struct TargetStats {
     pub forward_restarts: u64,
 }
 /// Messages of the agent's Session actor.
-#[derive(Debug)]
 pub enum SessionMsg {
     /// Dial the hub now (first start, or after a backoff delay).
     Connect,
+    /// Connection attempt `attempt` finished after `took`: a tunnel ready for the hello, or
+    /// why there is none.
+    Attempted {
+        attempt: u64,
+        took: Duration,
+        result: Result<Box<crate::actors::key_exchange::Established>, String>,
+    },
     /// Something happened on the tunnel of connection `generation`.
     Link {
         generation: u64,
         event: super::LinkEvent,
     },
-    /// Time to ping the hub and check it is still alive.
+    /// Time to check the hub is still alive, and to ping it when a ping is due.
     Heartbeat,
-    /// Say goodbye to the hub and stop forwarding.
+    /// The declared targets changed: route through these dialers from now on and advertise
+    /// their names to the hub.
+    Dialers(crate::actors::agent::Dialers),
+    /// Stop taking requests, say goodbye to the hub, let the requests in flight finish (up to
+    /// the drain deadline), then close the tunnel. Replies when the tunnel is closed.
     Shutdown(ractor::RpcReplyPort<()>),
+    /// Time to look whether the requests in flight have drained (during a shutdown).
+    Drain,
     /// The current state, for status and tests.
     State(ractor::RpcReplyPort<SessionStatus>),
+}
+
+impl fmt::Debug for SessionMsg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SessionMsg::Connect => f.write_str("Connect"),
+            SessionMsg::Attempted {
+                attempt, result, ..
+            } => f
+                .debug_struct("Attempted")
+                .field("attempt", attempt)
+                .field("ok", &result.is_ok())
+                .finish(),
+            SessionMsg::Link { generation, event } => f
+                .debug_struct("Link")
+                .field("generation", generation)
+                .field("event", event)
+                .finish(),
+            SessionMsg::Heartbeat => f.write_str("Heartbeat"),
+            SessionMsg::Dialers(d) => f.debug_tuple("Dialers").field(&d.targets()).finish(),
+            SessionMsg::Shutdown(_) => f.write_str("Shutdown"),
+            SessionMsg::Drain => f.write_str("Drain"),
+            SessionMsg::State(_) => f.write_str("State"),
+        }
+    }
+}
+
+/// Messages of the agent's Control actor (the `connect status` socket).
+#[derive(Debug)]
+pub enum ControlMsg {
+    /// The socket's accept loop ended; the actor fails so that its supervisor binds again.
+    ListenerFailed(String),
+}
+
+/// Where the Session stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionPhase {
+    /// Dialing the hub, or waiting for its welcome.
+    #[default]
+    Connecting,
+    /// Welcomed by the hub: requests flow.
+    Connected,
+    /// The last attempt failed or the tunnel was lost; the next attempt is scheduled.
+    Retrying,
+    /// Stopping: the hub was told goodbye, requests in flight are finishing.
+    Draining,
+    /// The tunnel is closed for good (the agent is stopping).
+    Stopped,
+    /// No Session is running right now (it failed and the supervisor restarts it).
+    Restarting,
+}
+
+impl fmt::Display for SessionPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SessionPhase::Connecting => "connecting",
+            SessionPhase::Connected => "connected",
+            SessionPhase::Retrying => "retrying",
+            SessionPhase::Draining => "draining",
+            SessionPhase::Stopped => "stopped",
+            SessionPhase::Restarting => "restarting",
+        })
+    }
+}
+
+/// The outcome of the most recent key exchange with the hub.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HandshakeInfo {
+    /// When it finished (seconds since the epoch).
+    pub at_unix: u64,
+    /// How long TCP, TLS, websocket upgrade and Noise handshake took together.
+    pub duration_ms: u64,
+    /// `None` when it succeeded; else why it failed, one line.
+    pub error: Option<String>,
 }
 
 /// What the Session reports about itself.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct SessionStatus {
+    pub phase: SessionPhase,
+    /// True while the hub has welcomed the current tunnel.
     pub connected: bool,
+    /// The `hub` URL (never holds credentials: config.ini refuses them).
     pub hub: String,
     pub connected_since_unix: Option<u64>,
+    /// Round trip of the most recent ping answered by the hub.
     pub last_rtt_micros: Option<u64>,
+    /// When a frame from the hub last arrived (milliseconds since the epoch).
+    pub last_heard_unix_ms: Option<u64>,
+    pub last_handshake: Option<HandshakeInfo>,
+    /// Tunnels the hub welcomed since the agent started.
     pub connects: u64,
+    /// Requests received on the current tunnel and not yet answered.
+    pub in_flight: usize,
     pub last_error: Option<String>,
+}
+
+/// The outcome of the most recent config.ini reload.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReloadStatus {
+    /// When it ran (seconds since the epoch).
+    pub at_unix: u64,
+    /// `None` when the new targets were taken; else why the file was refused, one line.
+    pub error: Option<String>,
+}
+
+/// Version of [`AgentReport`]'s JSON shape, for scripts that read `connect status --json`.
+pub const REPORT_VERSION: u16 = 1;
+
+/// Everything `connect status` shows: the agent's live state as its Control actor reports it.
+/// Holds no secret: no service id, no proxy credentials, no request content.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AgentReport {
+    pub version: u16,
+    pub agent_name: String,
+    pub pid: u32,
+    /// The config.ini the agent runs from.
+    pub config: Option<String>,
+    /// The HTTP CONNECT proxy toward the hub, as `scheme://host:port` (credentials left out).
+    pub proxy: Option<String>,
+    pub session: SessionStatus,
+    /// Every declared target, sorted by name.
+    pub targets: Vec<TargetStats>,
+    /// Restarts per actor: `session`, `control`, `dialer:<target>`, `forward:<target>`.
+    pub restarts: std::collections::BTreeMap<String, u64>,
+    pub last_reload: Option<ReloadStatus>,
 }

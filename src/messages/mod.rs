@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod hub;
+pub mod liveness;
 pub mod wire;
 
 pub use wire::{

@@ -18,16 +18,23 @@ use crate::tunnel::{FrameOpener, FrameSealer};
 
 use super::Ws;
 
+/// What the writer task is asked to do, in order.
+enum Outgoing {
+    Frame(Frame),
+    /// Flush what is queued before this, close the websocket and stop.
+    Close,
+}
+
 /// Sending side of a link, cheap to clone. Sending on a closed link is a no-op returning false.
 #[derive(Clone)]
 pub struct LinkSender {
-    tx: mpsc::UnboundedSender<Frame>,
+    tx: mpsc::UnboundedSender<Outgoing>,
 }
 
 impl LinkSender {
     /// Queues a frame for encryption and sending.
     pub fn send(&self, frame: Frame) -> bool {
-        self.tx.send(frame).is_ok()
+        self.tx.send(Outgoing::Frame(frame)).is_ok()
     }
 }
 
@@ -46,7 +53,7 @@ impl Link {
         F: Fn(LinkEvent) + Send + Sync + 'static,
     {
         let (mut sink, mut stream) = ws.split();
-        let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
         let on_event = Arc::new(on_event);
         let closed = Arc::new(AtomicBool::new(false));
 
@@ -64,32 +71,31 @@ impl Link {
             let report_close = report_close.clone();
             let mut sealer = sealer;
             tokio::spawn(async move {
-                let why = loop {
-                    let Some(frame) = rx.recv().await else {
-                        let _ = sink.close().await;
-                        break "link closed locally".to_string();
-                    };
-                    let goodbye = matches!(frame, Frame::Goodbye { .. });
-                    if let Err(why) = write_frame(&mut sealer, &mut sink, &frame).await {
-                        break why;
-                    }
-                    // Batch whatever else is already queued before paying for a flush.
-                    let mut failed = None;
-                    while let Ok(frame) = rx.try_recv() {
-                        if let Err(why) = write_frame(&mut sealer, &mut sink, &frame).await {
-                            failed = Some(why);
-                            break;
+                let why = 'link: loop {
+                    let mut next = rx.recv().await;
+                    // Batch whatever else is already queued before paying for a flush. A
+                    // goodbye does not close the link: the sender may still owe responses.
+                    loop {
+                        match next {
+                            None | Some(Outgoing::Close) => {
+                                // Closing flushes what was fed before.
+                                let _ = sink.close().await;
+                                break 'link "link closed locally".to_string();
+                            }
+                            Some(Outgoing::Frame(frame)) => {
+                                if let Err(why) = write_frame(&mut sealer, &mut sink, &frame).await
+                                {
+                                    break 'link why;
+                                }
+                            }
                         }
-                    }
-                    if let Some(why) = failed {
-                        break why;
+                        match rx.try_recv() {
+                            Ok(item) => next = Some(item),
+                            Err(_) => break,
+                        }
                     }
                     if let Err(e) = sink.flush().await {
                         break format!("websocket write failed: {e}");
-                    }
-                    if goodbye {
-                        let _ = sink.close().await;
-                        break "goodbye sent".to_string();
                     }
                 };
                 report_close(why);
@@ -134,9 +140,16 @@ impl Link {
         self.sender.send(frame)
     }
 
-    /// Whether the writer has ended (after a goodbye, a close or an error).
+    /// Whether the writer has ended (after a close or an error).
     pub fn is_finished(&self) -> bool {
         self.writer.is_finished()
+    }
+
+    /// Sends what is queued, closes the websocket and waits (at most `within`) for the writer
+    /// to finish. Frames queued after this are dropped.
+    pub async fn close(&mut self, within: std::time::Duration) {
+        let _ = self.sender.tx.send(Outgoing::Close);
+        let _ = tokio::time::timeout(within, &mut self.writer).await;
     }
 }
 
@@ -227,6 +240,45 @@ mod tests {
             LinkEvent::Closed(why) => assert!(why.contains("integrity"), "{why}"),
             other => panic!("expected the link to close, got {other:?}"),
         }
+    }
+
+    /// A goodbye announces a stop; it must not cut off the responses the sender still owes.
+    /// `close` sends everything queued before it, then closes the websocket.
+    #[tokio::test]
+    async fn a_goodbye_leaves_the_link_open_and_close_flushes_what_is_queued() {
+        let (agent_sealer, agent_opener, _hub_sealer, hub_opener) = ciphers();
+        let (agent_ws, mut hub_ws) = ws_pair().await;
+        let mut agent = Link::spawn(agent_ws, agent_sealer, agent_opener, |_| {});
+        let mut hub_opener = hub_opener;
+        let goodbye = Frame::Goodbye {
+            reason: "stopping".into(),
+        };
+        let pong = Frame::Pong {
+            seq: 9,
+            sent_micros: 9,
+        };
+        agent.send(goodbye.clone());
+        agent.send(pong.clone());
+        agent.send(pong.clone());
+        agent.close(std::time::Duration::from_secs(2)).await;
+        assert!(agent.is_finished());
+        assert!(!agent.send(pong.clone()), "nothing is sent after close");
+
+        let mut received = Vec::new();
+        let closed = loop {
+            match hub_ws.next().await {
+                Some(Ok(Message::Binary(record))) => {
+                    if let Some(frame) = hub_opener.open(&record).unwrap() {
+                        received.push(frame);
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => break true,
+                Some(Ok(_)) => {}
+                Some(Err(_)) => break false,
+            }
+        };
+        assert_eq!(received, vec![goodbye, pong.clone(), pong]);
+        assert!(closed, "the websocket was closed cleanly");
     }
 
     #[tokio::test]

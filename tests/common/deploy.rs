@@ -348,16 +348,40 @@ impl Deployment {
 
     /// Starts `connect run --config <config>` as a process called `label`.
     pub fn spawn_agent(&self, label: &str, config: &Path) -> ChildGuard {
-        self.spawn_agent_logging(label, config, "info")
+        self.spawn_agent_with(label, config, "info", &[])
     }
 
     /// Like [`Deployment::spawn_agent`] with `RUST_LOG=<rust_log>` (e.g. `debug`, to check
     /// that not even debug lines carry a secret).
     pub fn spawn_agent_logging(&self, label: &str, config: &Path, rust_log: &str) -> ChildGuard {
+        self.spawn_agent_with(label, config, rust_log, &[])
+    }
+
+    /// Like [`Deployment::spawn_agent`], with extra environment variables (e.g. the one an
+    /// `env:NAME` service id names).
+    pub fn spawn_agent_with_env(
+        &self,
+        label: &str,
+        config: &Path,
+        env: &[(&str, &str)],
+    ) -> ChildGuard {
+        self.spawn_agent_with(label, config, "info", env)
+    }
+
+    fn spawn_agent_with(
+        &self,
+        label: &str,
+        config: &Path,
+        rust_log: &str,
+        env: &[(&str, &str)],
+    ) -> ChildGuard {
         let mut cmd = Command::new(connect_bin());
         cmd.args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", rust_log);
+        for (name, value) in env {
+            cmd.env(name, value);
+        }
         ChildGuard::spawn(label, cmd).expect("start connect run")
     }
 
@@ -368,6 +392,67 @@ impl Deployment {
         let old = self.hub.logs();
         self.hub = spawn_hub(self.dir.path());
         old
+    }
+
+    /// Kills the hub with SIGKILL, as a crash would; returns its output. Start it again with
+    /// [`Deployment::start_hub`].
+    pub fn kill_hub(&mut self) -> String {
+        self.hub.kill_now();
+        self.hub.logs()
+    }
+
+    /// Starts the hub again on the same ports with the same files (after [`Deployment::kill_hub`]
+    /// or a stop). The previous hub's output is returned, since its guard is replaced.
+    pub fn start_hub(&mut self) -> String {
+        let old = self.hub.logs();
+        self.hub = spawn_hub(self.dir.path());
+        old
+    }
+
+    /// `connect status [--json] --config <config>` as an administrator runs it on the agent's
+    /// VM (without the agent's environment): exit code, stdout, stderr.
+    pub fn status(&self, config: &Path, json: bool) -> (i32, String, String) {
+        let mut cmd = Command::new(connect_bin());
+        cmd.arg("status");
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd
+            .arg("--config")
+            .arg(config)
+            .output()
+            .expect("run connect status");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The default agent's `connect status --json` report, or `None` when it does not answer
+    /// (exit code 2).
+    pub fn status_json(&self) -> Option<Value> {
+        let (code, out, err) = self.status(&self.path("config.ini"), true);
+        if code == 2 {
+            return None;
+        }
+        Some(serde_json::from_str(&out).unwrap_or_else(|e| {
+            panic!("connect status --json printed no JSON ({e}): {out}\n{err}")
+        }))
+    }
+
+    /// One request through the admin API's SCIM pass-through, `/api/apps/<app>/scim/<path>`;
+    /// `Err` when the hub does not answer (e.g. it was killed mid-request).
+    pub async fn pass_through(&self, app: &str, path: &str) -> Result<HttpResponse, String> {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        http_request(
+            self.admin_addr(),
+            "GET",
+            &format!("/api/apps/{app}/scim/{path}"),
+            &[("Authorization", &auth)],
+            None,
+        )
+        .await
     }
 
     /// `connect <args...> --config hub.toml` as a user runs it: exit code and stdout+stderr.

@@ -724,3 +724,88 @@ async fn launch(
     )
     .await
 }
+
+/// A tiny HTTP/1.1 target on 127.0.0.1 whose answers to paths containing `/slow` wait until
+/// [`GatedServer::open`] is called; every other request is answered at once. Each answer is a
+/// small JSON body, then the connection is closed. Runs on the test's runtime (use a
+/// multi-threaded one when the test also blocks on child processes).
+pub struct GatedServer {
+    pub addr: SocketAddr,
+    gate: tokio::sync::watch::Sender<bool>,
+    waiting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl GatedServer {
+    pub async fn start() -> GatedServer {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local address");
+        let (gate, open) = tokio::sync::watch::channel(false);
+        let waiting = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (w, s) = (waiting.clone(), seen.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut open = open.clone();
+                let (waiting, seen) = (w.clone(), s.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match stream.read(&mut byte).await {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let path = head.split(' ').nth(1).unwrap_or_default().to_owned();
+                    if path.contains("/slow") {
+                        waiting.fetch_add(1, Ordering::SeqCst);
+                        let _ = open.wait_for(|open| *open).await;
+                        waiting.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    let body = format!("{{\"path\":{path:?}}}");
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        GatedServer {
+            addr,
+            gate,
+            waiting,
+            seen,
+            accept,
+        }
+    }
+
+    /// Requests to `/slow` paths currently held.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Requests received so far.
+    pub fn seen(&self) -> usize {
+        self.seen.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Lets every held and future `/slow` request be answered.
+    pub fn open(&self) {
+        let _ = self.gate.send(true);
+    }
+}
+
+impl Drop for GatedServer {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}

@@ -424,6 +424,14 @@ impl Dialers {
         }
     }
 
+    /// The target whose dialer is actor `id`, if it is one of this set.
+    pub fn name_of(&self, id: ActorId) -> Option<String> {
+        self.by_name
+            .iter()
+            .find(|(_, actor)| actor.get_id() == id)
+            .map(|(name, _)| name.clone())
+    }
+
     /// The targets to advertise to the hub, sorted by name.
     pub fn targets(&self) -> Vec<TargetInfo> {
         self.by_name

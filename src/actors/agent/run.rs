@@ -10,11 +10,13 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use tokio::task::JoinHandle;
 
-use super::session::HubEndpoint;
+use super::control::{self, ControlError};
+use super::session::{HubEndpoint, DRAIN_DEADLINE};
 use super::supervisor::{
-    AgentSupervisor, AgentSupervisorArgs, AgentSupervisorMsg, SessionTemplate,
+    AgentInfo, AgentSupervisor, AgentSupervisorArgs, AgentSupervisorMsg, ControlSocket,
+    SessionTemplate,
 };
-use crate::config::agent::{parse_hub_url, AgentConfig, TlsMode};
+use crate::config::agent::{parse_hub_url, AgentConfig, ProxyConfig, TlsMode};
 use crate::messages::agent::{DialerLimits, TargetSpec, TargetTls};
 use crate::messages::agent::{SessionMsg, SessionStatus};
 use crate::net::proxy::Proxy;
@@ -46,6 +48,8 @@ pub enum AgentError {
         dir: String,
         source: std::io::Error,
     },
+    #[error("{file}: state_dir: {source}")]
+    Control { file: String, source: ControlError },
     #[error("cannot start the agent's actors: {0}")]
     Spawn(String),
 }
@@ -54,10 +58,11 @@ pub enum AgentError {
 pub struct AgentHandle {
     supervisor: ActorRef<AgentSupervisorMsg>,
     join: JoinHandle<()>,
+    drain_deadline: Duration,
 }
 
 impl AgentHandle {
-    async fn session(&self) -> Option<ActorRef<SessionMsg>> {
+    pub(crate) async fn session(&self) -> Option<ActorRef<SessionMsg>> {
         match self
             .supervisor
             .call(
@@ -83,11 +88,16 @@ impl AgentHandle {
         }
     }
 
-    /// Says goodbye to the hub, then stops every actor.
+    /// Stops gracefully: the hub is told goodbye (it routes nothing more here), requests in
+    /// flight get up to the drain deadline to finish, the tunnel is closed, then every actor
+    /// stops.
     pub async fn shutdown(self) {
         if let Some(session) = self.session().await {
             let _ = session
-                .call(SessionMsg::Shutdown, Some(Duration::from_secs(5)))
+                .call(
+                    SessionMsg::Shutdown,
+                    Some(self.drain_deadline + Duration::from_secs(5)),
+                )
                 .await;
         }
         self.supervisor.stop(None);
@@ -158,9 +168,33 @@ pub fn target_spec(target: &crate::config::agent::TargetConfig) -> TargetSpec {
     }
 }
 
+/// Tuning that tests change.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// How long requests in flight may take to finish once the agent is stopping.
+    pub drain_deadline: Duration,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            drain_deadline: DRAIN_DEADLINE,
+        }
+    }
+}
+
 /// Checks the hub endpoint, the proxy and the state directory, then starts the agent's actor
 /// tree.
 pub async fn start(config: &AgentConfig) -> Result<AgentHandle, AgentError> {
+    start_with(config, AgentOptions::default()).await
+}
+
+/// [`start`] with chosen options.
+pub async fn start_with(
+    config: &AgentConfig,
+    options: AgentOptions,
+) -> Result<AgentHandle, AgentError> {
+    let file = config.path.display().to_string();
     let hub = hub_endpoint(config)?;
     check_state_dir(config).map_err(|source| AgentError::StateDir {
         at: match config.line_of("state_dir") {
@@ -168,6 +202,11 @@ pub async fn start(config: &AgentConfig) -> Result<AgentHandle, AgentError> {
             None => config.path.display().to_string(),
         },
         dir: config.state_dir.display().to_string(),
+        source,
+    })?;
+    let socket = control::socket_path(&config.state_dir);
+    let listener = control::bind(&socket).map_err(|source| AgentError::Control {
+        file: file.clone(),
         source,
     })?;
     let service_id = config.service_id.expose();
@@ -179,13 +218,44 @@ pub async fn start(config: &AgentConfig) -> Result<AgentHandle, AgentError> {
             hub,
             lookup_hash: tunnel::lookup_hash(service_id),
             psk: tunnel::service_psk(service_id),
+            agent_name: agent_name.clone(),
+            drain_deadline: options.drain_deadline,
+        },
+        config: Some(config.clone()),
+        control: Some(ControlSocket {
+            path: socket,
+            listener: Some(listener),
+        }),
+        info: AgentInfo {
             agent_name,
+            config: Some(config.path.clone()),
+            proxy: config.proxy.as_ref().map(proxy_display),
         },
     };
     let (supervisor, join) = Actor::spawn(None, AgentSupervisor, args)
         .await
         .map_err(|e| AgentError::Spawn(e.to_string()))?;
-    Ok(AgentHandle { supervisor, join })
+    Ok(AgentHandle {
+        supervisor,
+        join,
+        drain_deadline: options.drain_deadline,
+    })
+}
+
+/// The proxy as status shows it: scheme, host and port, never the credentials.
+pub fn proxy_display(proxy: &ProxyConfig) -> String {
+    let host = if proxy.host.contains(':') {
+        format!("[{}]", proxy.host)
+    } else {
+        proxy.host.clone()
+    };
+    let scheme = if proxy.scheme_https { "https" } else { "http" };
+    let auth = if proxy.username.is_some() || proxy.password.is_some() {
+        " (with credentials)"
+    } else {
+        ""
+    };
+    format!("{scheme}://{host}:{}{auth}", proxy.port)
 }
 
 fn check_state_dir(config: &AgentConfig) -> std::io::Result<()> {

@@ -1,4 +1,5 @@
-//! Dialer and forward behaviour against real sockets on 127.0.0.1.
+//! Dialer and forward behaviour against real sockets on 127.0.0.1. The small HTTP server here is
+//! also used by the lifecycle tests.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -119,9 +120,9 @@ impl Agent {
 // ---------- a small raw HTTP/1.x server, plain or TLS ----------
 
 #[derive(Debug, Clone)]
-struct Seen {
+pub(super) struct Seen {
     method: String,
-    path: String,
+    pub(super) path: String,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
     sni: Option<String>,
@@ -137,7 +138,7 @@ impl Seen {
 }
 
 #[derive(Clone)]
-enum Reply {
+pub(super) enum Reply {
     /// Write these bytes, then keep the connection for the next request.
     KeepAlive(Vec<u8>),
     /// Write these bytes, then close.
@@ -151,20 +152,20 @@ enum Reply {
     CloseLater(Vec<u8>, Arc<Notify>, mpsc::UnboundedSender<()>),
 }
 
-type Handler = Arc<dyn Fn(&Seen) -> Reply + Send + Sync>;
+pub(super) type Handler = Arc<dyn Fn(&Seen) -> Reply + Send + Sync>;
 
-struct TestServer {
-    addr: SocketAddr,
+pub(super) struct TestServer {
+    pub(super) addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
     seen: mpsc::UnboundedReceiver<Seen>,
 }
 
 impl TestServer {
-    fn accepted(&self) -> usize {
+    pub(super) fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
 
-    async fn next_seen(&mut self) -> Seen {
+    pub(super) async fn next_seen(&mut self) -> Seen {
         tokio::time::timeout(WAIT, self.seen.recv())
             .await
             .expect("server saw no request")
@@ -183,11 +184,11 @@ fn response(status: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
     bytes
 }
 
-fn ok(body: &[u8]) -> Vec<u8> {
+pub(super) fn ok(body: &[u8]) -> Vec<u8> {
     response("200 OK", &[("Content-Type", "application/scim+json")], body)
 }
 
-async fn serve(handler: Handler, tls: Option<TlsAcceptor>) -> TestServer {
+pub(super) async fn serve(handler: Handler, tls: Option<TlsAcceptor>) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -308,7 +309,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-fn handler(f: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Handler {
+pub(super) fn handler(f: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Handler {
     Arc::new(f)
 }
 

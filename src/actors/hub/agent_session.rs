@@ -3,7 +3,9 @@
 //! responses, and notices when the agent goes silent.
 //!
 //! Every request it accepted is answered exactly once: by the agent, by the hub's own deadline,
-//! or with a tunnel error when the session ends.
+//! or with a tunnel error when the session ends. When the agent says goodbye, the session
+//! leaves the registry at once (nothing more is routed to it) and stays only until the agent
+//! has answered the requests already sent.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
@@ -13,19 +15,18 @@ use tracing::{debug, info, warn};
 
 use crate::actors::key_exchange::{KeyExchange, KeyExchangeArgs, KeyExchangeMsg, Role};
 use crate::messages::hub::{AgentEntry, AgentSessionMsg, RegistryMsg, TunnelReply};
+use crate::messages::liveness::{self, CHECK_EVERY, DEAD_AFTER, PING_EVERY};
 use crate::messages::{ForwardRequest, Frame, LinkEvent, PROTOCOL_VERSION};
 use crate::net::link::Link;
 use crate::net::Ws;
 use crate::scim::transport::TransportError;
 
-/// How often the hub pings an agent.
-pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
-/// Silence after which an agent is considered dead.
-pub const DEAD_AFTER: Duration = Duration::from_secs(15);
 /// Time allowed for the handshake and the agent's hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Extra time the hub waits beyond the agent's own per-request deadline.
 const REQUEST_SLACK: Duration = Duration::from_secs(2);
+/// How long the last frames get to leave when the hub closes a tunnel.
+const CLOSE_FLUSH: Duration = Duration::from_millis(500);
 
 /// What an AgentSession starts from.
 pub struct AgentSessionArgs {
@@ -49,10 +50,28 @@ pub struct AgentSessionState {
     registry: ActorRef<RegistryMsg>,
     link: Option<Link>,
     registered: bool,
+    /// The agent said goodbye: it gets no new request, and the session ends once the requests
+    /// already sent are answered.
+    draining: bool,
     next_id: u64,
     pending: HashMap<u64, (TunnelReply, Duration)>,
     last_heard: Instant,
+    last_ping: Instant,
+    ping_seq: u64,
     start: Option<(Ws, [u8; 32], Vec<u8>)>,
+}
+
+impl AgentSessionState {
+    /// Takes the agent out of the registry (once).
+    fn unregister(&mut self) {
+        if self.registered {
+            self.registered = false;
+            let _ = self.registry.cast(RegistryMsg::Unregister {
+                service: self.service.clone(),
+                session_id: self.session_id,
+            });
+        }
+    }
 }
 
 impl Actor for AgentSession {
@@ -72,9 +91,12 @@ impl Actor for AgentSession {
             registry: args.registry,
             link: None,
             registered: false,
+            draining: false,
             next_id: 0,
             pending: HashMap::new(),
             last_heard: Instant::now(),
+            last_ping: Instant::now(),
+            ping_seq: 0,
             start: Some((args.ws, args.psk, args.prologue)),
         })
     }
@@ -121,7 +143,7 @@ impl Actor for AgentSession {
             },
         ));
         state.last_heard = Instant::now();
-        myself.send_interval(HEARTBEAT_EVERY, || AgentSessionMsg::Heartbeat);
+        myself.send_interval(CHECK_EVERY, || AgentSessionMsg::Heartbeat);
         Ok(())
     }
 
@@ -135,13 +157,10 @@ impl Actor for AgentSession {
                 detail: "the agent disconnected before answering".into(),
             }));
         }
-        if state.registered {
-            let _ = state.registry.cast(RegistryMsg::Unregister {
-                service: state.service.clone(),
-                session_id: state.session_id,
-            });
+        state.unregister();
+        if let Some(mut link) = state.link.take() {
+            link.close(CLOSE_FLUSH).await;
         }
-        state.link = None;
         Ok(())
     }
 
@@ -174,6 +193,15 @@ impl Actor for AgentSession {
             AgentSessionMsg::Link(LinkEvent::Closed(why)) => {
                 info!(peer = %state.peer, service = %state.service, session = state.session_id, "agent tunnel closed: {why}");
                 myself.stop(None);
+            }
+            AgentSessionMsg::Forward { request, reply } if state.draining => {
+                // Routed before the registry heard the goodbye: let it choose again (it no
+                // longer lists this session, since the unregister was sent first).
+                let _ = state.registry.cast(RegistryMsg::Route {
+                    service: state.service.clone(),
+                    request,
+                    reply,
+                });
             }
             AgentSessionMsg::Forward { request, reply } => {
                 let Some(link) = state.link.as_ref().filter(|_| state.registered) else {
@@ -222,16 +250,24 @@ impl Actor for AgentSession {
                         link.send(Frame::Cancel { id });
                     }
                 }
+                if state.draining && state.pending.is_empty() {
+                    myself.stop(None);
+                }
             }
             AgentSessionMsg::Heartbeat => {
-                if state.last_heard.elapsed() > DEAD_AFTER {
-                    warn!(peer = %state.peer, session = state.session_id, "agent silent for {:?}, dropping its session", DEAD_AFTER);
+                let silent = state.last_heard.elapsed();
+                if liveness::is_dead(silent) {
+                    warn!(peer = %state.peer, session = state.session_id, "agent silent for {:.1} s (limit {DEAD_AFTER:?}), dropping its session", silent.as_secs_f64());
                     myself.stop(None);
-                } else if let Some(link) = &state.link {
-                    link.send(Frame::Ping {
-                        seq: 0,
-                        sent_micros: now_micros(),
-                    });
+                } else if state.last_ping.elapsed() >= PING_EVERY {
+                    if let Some(link) = &state.link {
+                        state.last_ping = Instant::now();
+                        state.ping_seq += 1;
+                        link.send(Frame::Ping {
+                            seq: state.ping_seq,
+                            sent_micros: now_micros(),
+                        });
+                    }
                 }
             }
         }
@@ -261,7 +297,7 @@ impl AgentSession {
                     myself.stop(None);
                     return;
                 }
-                if state.registered {
+                if state.registered || state.draining {
                     return;
                 }
                 let _ = state.registry.cast(RegistryMsg::Register {
@@ -281,26 +317,38 @@ impl AgentSession {
                     session_id: state.session_id,
                 });
             }
-            Frame::Targets { targets } => {
+            Frame::Targets { targets } if state.registered => {
                 let _ = state.registry.cast(RegistryMsg::UpdateTargets {
                     service: state.service.clone(),
                     session_id: state.session_id,
                     targets,
                 });
             }
-            Frame::Response(response) => match state.pending.remove(&response.id) {
-                Some((reply, _)) => {
-                    let _ = reply.send(response.result.map_err(TransportError::Forward));
+            Frame::Targets { .. } => {}
+            Frame::Response(response) => {
+                match state.pending.remove(&response.id) {
+                    Some((reply, _)) => {
+                        let _ = reply.send(response.result.map_err(TransportError::Forward));
+                    }
+                    None => debug!(request_id = response.id, "late response dropped"),
                 }
-                None => debug!(request_id = response.id, "late response dropped"),
-            },
+                if state.draining && state.pending.is_empty() {
+                    info!(peer = %state.peer, session = state.session_id, "stopping agent answered everything; closing its session");
+                    myself.stop(None);
+                }
+            }
             Frame::Ping { seq, sent_micros } => {
                 link.send(Frame::Pong { seq, sent_micros });
             }
             Frame::Pong { .. } => {}
             Frame::Goodbye { reason } => {
-                info!(peer = %state.peer, session = state.session_id, "agent said goodbye: {reason}");
-                myself.stop(None);
+                // Before anything else, so the registry routes nothing more here.
+                state.unregister();
+                state.draining = true;
+                info!(peer = %state.peer, session = state.session_id, waiting = state.pending.len(), "agent said goodbye: {reason}; routing nothing more to it");
+                if state.pending.is_empty() {
+                    myself.stop(None);
+                }
             }
             Frame::Welcome { .. } | Frame::Request(_) | Frame::Cancel { .. } => {
                 warn!(peer = %state.peer, session = state.session_id, "agent sent a hub-only frame; closing");
