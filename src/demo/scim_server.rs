@@ -1,9 +1,11 @@
-//! An in-memory SCIM 2.0 server (Users only) on axum, for `connect demo` and for tests.
+//! An in-memory SCIM 2.0 server (Users and Groups) on axum, for `connect demo` and for tests.
 //!
 //! It is a strict peer on purpose: bodies must carry their schema URN, unknown attributes are
-//! rejected (400), filter values must be quoted, userName is unique case-insensitively (409),
-//! a wrong bearer token gets 401 with `WWW-Authenticate`. That way a client bug shows here
-//! instead of only against a real server. It must never listen anywhere but the listener it
+//! rejected (400), filter values must be quoted, userName and group displayName are unique
+//! case-insensitively (409), group members must exist when they are added, removing a member
+//! that is not there is `noTarget`, a wrong bearer token gets 401 with `WWW-Authenticate`. That
+//! way a client bug shows here instead of only against a real server. Like scim2-server, it
+//! answers a group PATCH with 204 and does not take a deleted user out of its groups. It must never listen anywhere but the listener it
 //! is given, and never persist anything: state lives and dies with the process.
 
 use std::collections::{BTreeMap, HashMap};
@@ -27,9 +29,11 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::scim::resources::{
-    ListResponse, Name, PatchOp, PatchOpKind, PatchRequest, ScimEmail, ScimErrorBody, ScimUser,
-    PATCH_OP_SCHEMA, SERVICE_PROVIDER_CONFIG_SCHEMA, USER_SCHEMA,
+    ListResponse, Name, PatchOp, PatchOpKind, PatchRequest, ScimEmail, ScimErrorBody, ScimGroup,
+    ScimUser, PATCH_OP_SCHEMA, SERVICE_PROVIDER_CONFIG_SCHEMA, USER_SCHEMA,
 };
+
+mod groups;
 
 /// Where the SCIM root is served.
 pub const BASE_PATH: &str = "/scim/v2";
@@ -78,6 +82,7 @@ impl DemoScimServer {
             addr,
         });
         let users = format!("{BASE_PATH}/Users");
+        let groups = format!("{BASE_PATH}/Groups");
         let router = Router::new()
             .route(
                 &format!("{BASE_PATH}/ServiceProviderConfig"),
@@ -90,6 +95,13 @@ impl DemoScimServer {
                     .put(replace_user)
                     .patch(patch_user)
                     .delete(delete_user),
+            )
+            .route(&groups, get(groups::list).post(groups::create))
+            .route(
+                &format!("{groups}/{{id}}"),
+                get(groups::get_one)
+                    .patch(groups::patch)
+                    .delete(groups::delete),
             )
             .fallback(not_found)
             .layer(middleware::from_fn_with_state(
@@ -145,6 +157,16 @@ impl DemoScimServer {
             .collect()
     }
 
+    /// How many groups are stored.
+    pub fn group_count(&self) -> usize {
+        self.shared.store().groups.len()
+    }
+
+    /// The stored groups, in creation order.
+    pub fn groups(&self) -> Vec<ScimGroup> {
+        self.shared.store().groups.all()
+    }
+
     /// How many requests reached the server (rejected ones included).
     pub fn request_count(&self) -> u64 {
         self.shared.requests.load(Ordering::Relaxed)
@@ -186,6 +208,7 @@ struct Store {
     seq_by_id: HashMap<String, u64>,
     /// Lower-cased userName → id: userName is unique case-insensitively.
     id_by_name: HashMap<String, String>,
+    groups: groups::GroupTable,
 }
 
 impl Store {
@@ -419,8 +442,8 @@ async fn not_found(request: Request) -> Response {
         StatusCode::NOT_FOUND,
         None,
         format!(
-            "no SCIM endpoint at {}: this server serves {BASE_PATH}/Users and \
-             {BASE_PATH}/ServiceProviderConfig",
+            "no SCIM endpoint at {}: this server serves {BASE_PATH}/Users, \
+             {BASE_PATH}/Groups and {BASE_PATH}/ServiceProviderConfig",
             request.uri().path()
         ),
     )
@@ -428,14 +451,18 @@ async fn not_found(request: Request) -> Response {
 }
 
 /// Which attribute a supported filter tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FilterAttr {
     UserName,
     ExternalId,
     Id,
+    DisplayName,
+    /// A multi-valued attribute's `value` (inside `members[...]`).
+    Value,
 }
 
-/// Parse `attr eq "value"` for userName, externalId and id; anything else is refused with the
-/// reason.
+/// Parse `attr eq "value"` for userName, externalId, id, displayName and value; anything else
+/// is refused with the reason. Each endpoint then refuses the attributes it has no use for.
 fn parse_filter(filter: &str) -> Result<(FilterAttr, String), Failure> {
     let invalid = |why: &str| Failure::bad("invalidFilter", format!("filter `{filter}`: {why}"));
     let trimmed = filter.trim();
@@ -459,9 +486,11 @@ fn parse_filter(filter: &str) -> Result<(FilterAttr, String), Failure> {
         "username" => FilterAttr::UserName,
         "externalid" => FilterAttr::ExternalId,
         "id" => FilterAttr::Id,
+        "displayname" => FilterAttr::DisplayName,
+        "value" => FilterAttr::Value,
         _ => {
             return Err(invalid(
-                "only userName, externalId and id can be filtered on",
+                "only userName, externalId, id and displayName can be filtered on",
             ))
         }
     };
@@ -485,6 +514,24 @@ fn query_params(raw: Option<&str>) -> HashMap<String, String> {
         .collect()
 }
 
+/// `startIndex` (1-based, default 1) and `count` (default and cap [`MAX_COUNT`]) of a list.
+fn page_window(params: &HashMap<String, String>) -> Result<(usize, usize), Failure> {
+    let start = integer_param(params, "startIndex")?.unwrap_or(1).max(1) as usize;
+    let count = integer_param(params, "count")?
+        .unwrap_or(MAX_COUNT as i64)
+        .clamp(0, MAX_COUNT as i64) as usize;
+    Ok((start, count))
+}
+
+/// The parsed `filter` parameter, if any.
+fn filter_param(params: &HashMap<String, String>) -> Result<Option<(FilterAttr, String)>, Failure> {
+    params
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("filter"))
+        .map(|(_, f)| parse_filter(f))
+        .transpose()
+}
+
 fn integer_param(params: &HashMap<String, String>, name: &str) -> Result<Option<i64>, Failure> {
     params
         .iter()
@@ -506,15 +553,14 @@ async fn list_users(
     headers: HeaderMap,
 ) -> Result<Response, Failure> {
     let params = query_params(raw.as_deref());
-    let start = integer_param(&params, "startIndex")?.unwrap_or(1).max(1) as usize;
-    let count = integer_param(&params, "count")?
-        .unwrap_or(MAX_COUNT as i64)
-        .clamp(0, MAX_COUNT as i64) as usize;
-    let filter = params
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("filter"))
-        .map(|(_, f)| parse_filter(f))
-        .transpose()?;
+    let (start, count) = page_window(&params)?;
+    let filter = filter_param(&params)?;
+    if let Some((FilterAttr::Value, _)) = &filter {
+        return Err(Failure::bad(
+            "invalidFilter",
+            "Users can be filtered on userName, externalId, id and displayName",
+        ));
+    }
     let base = base_url(&shared, &headers);
 
     let store = shared.store();
@@ -523,6 +569,12 @@ async fn list_users(
         Some((FilterAttr::UserName, v)) => s.user.user_name.to_lowercase() == v.to_lowercase(),
         Some((FilterAttr::ExternalId, v)) => s.user.external_id.as_deref() == Some(v.as_str()),
         Some((FilterAttr::Id, v)) => s.user.id.as_deref() == Some(v.as_str()),
+        Some((FilterAttr::DisplayName, v)) => s
+            .user
+            .display_name
+            .as_deref()
+            .is_some_and(|d| d.to_lowercase() == v.to_lowercase()),
+        Some((FilterAttr::Value, _)) => false,
     };
     let total = store.users.values().filter(matches).count();
     let page: Vec<Value> = store
@@ -1289,7 +1341,7 @@ mod tests {
         assert_eq!(status, 200);
         assert_eq!(body["id"], id.as_str());
         assert_eq!(body["displayName"], "Dan");
-        let (status, headers, body) = p.send(Method::GET, "/Groups", None, None).await;
+        let (status, headers, body) = p.send(Method::GET, "/Bulk", None, None).await;
         assert_eq!(status, 404);
         assert_eq!(header(&headers, "content-type"), Some(SCIM_JSON));
         assert_eq!(body["status"], "404");

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{HttpResponse, LinkEvent, Scheme, TargetInfo};
 use crate::net::Ws;
+use crate::scim::outcome::ResourceOp;
+use crate::scim::sync::GroupCounts;
 use crate::scim::transport::TransportError;
 
 /// One request to send through some agent of a service; the agent session assigns the id.
@@ -143,6 +145,16 @@ pub struct RunSummary {
     pub requests: usize,
     /// The one actionable line when the run failed or had failures.
     pub message: Option<String>,
+    /// Groups granted by the access rule (0 when the app does not provision groups).
+    #[serde(default)]
+    pub groups_desired: usize,
+    /// What the run did to groups; absent in runs recorded before groups were provisioned.
+    #[serde(default)]
+    pub groups: GroupCounts,
+    /// Every operation of the run and how it ended, for the per-resource history. Kept out of
+    /// the run's JSON: a first run of 10,000 users would make every run record huge.
+    #[serde(skip)]
+    pub operations: Vec<ResourceOp>,
 }
 
 impl RunSummary {

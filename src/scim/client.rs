@@ -1,4 +1,4 @@
-//! A SCIM 2.0 client for Users over an abstract [`Transport`].
+//! A SCIM 2.0 client for Users and Groups over an abstract [`Transport`].
 //!
 //! It owns how requests are shaped (paths, headers, filters, pagination) and how answers are
 //! checked. It must never open a socket itself, never decide what to provision, and never
@@ -14,7 +14,9 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::de::DeserializeOwned;
 
 use crate::scim::error::ScimError;
-use crate::scim::resources::{ListResponse, PatchOp, PatchRequest, ScimErrorBody, ScimUser};
+use crate::scim::resources::{
+    ListResponse, PatchOp, PatchRequest, Resource, ScimErrorBody, ScimGroup, ScimUser,
+};
 use crate::scim::transport::{ScimRequest, ScimResponse, Transport};
 
 /// Media type of SCIM bodies (RFC 7644 §3.1).
@@ -89,32 +91,44 @@ impl ScimClient {
     }
 
     /// Every User the server holds, page by page until `totalResults` is reached.
+    pub async fn list_users(&self) -> Result<Vec<ScimUser>, ScimError> {
+        self.list_all().await
+    }
+
+    /// Every Group the server holds (with its members), page by page like [`list_users`].
+    ///
+    /// [`list_users`]: Self::list_users
+    pub async fn list_groups(&self) -> Result<Vec<ScimGroup>, ScimError> {
+        self.list_all().await
+    }
+
+    /// Every resource of type `T`, page by page until `totalResults` is reached.
     ///
     /// Pages are advanced by the number of resources actually received, so servers that
     /// return fewer than `count` are followed correctly. The walk stops on an empty page, or
     /// once `totalResults` (re-read on every page, since it may shrink while we walk) is
-    /// covered. A server that keeps sending users already listed is reported rather than
+    /// covered. A server that keeps sending resources already listed is reported rather than
     /// followed forever.
-    pub async fn list_users(&self) -> Result<Vec<ScimUser>, ScimError> {
-        let path = format!("{}/Users", self.base_path);
-        let mut users: Vec<ScimUser> = Vec::new();
+    async fn list_all<T: Resource + DeserializeOwned>(&self) -> Result<Vec<T>, ScimError> {
+        let path = format!("{}/{}", self.base_path, T::ENDPOINT);
+        let mut found: Vec<T> = Vec::new();
         let mut seen: HashSet<String> = HashSet::new();
         let mut start: u64 = 1;
         loop {
             let query = format!("{path}?startIndex={start}&count={}", self.page_size);
             let response = self.call(Method::GET, &query, None).await?;
-            let page: ListResponse<ScimUser> = parse(&response, &path)?;
+            let page: ListResponse<T> = parse(&response, &path)?;
             let received = page.resources.len() as u64;
             if received == 0 {
                 break;
             }
             let mut fresh = 0usize;
-            for user in page.resources {
-                match &user.id {
-                    Some(id) if !seen.insert(id.clone()) => {}
+            for resource in page.resources {
+                match resource.scim_id() {
+                    Some(id) if !seen.insert(id.to_string()) => {}
                     _ => {
                         fresh += 1;
-                        users.push(user);
+                        found.push(resource);
                     }
                 }
             }
@@ -122,8 +136,9 @@ impl ScimClient {
                 return Err(ScimError::BadResponse {
                     path,
                     detail: format!(
-                        "the page at startIndex={start} only repeats users already listed \
-                         (the server seems to ignore startIndex)"
+                        "the page at startIndex={start} only repeats {} already listed \
+                         (the server seems to ignore startIndex)",
+                        T::ENDPOINT.to_lowercase()
                     ),
                 });
             }
@@ -132,7 +147,7 @@ impl ScimClient {
                 break;
             }
         }
-        Ok(users)
+        Ok(found)
     }
 
     /// POST a new User; returns it as the server stored it (with its `id`).
@@ -187,6 +202,72 @@ impl ScimClient {
             .find(|u| u.user_name.to_lowercase() == user_name.to_lowercase()))
     }
 
+    /// POST a new Group; returns it as the server stored it (with its `id`).
+    pub async fn create_group(&self, group: &ScimGroup) -> Result<ScimGroup, ScimError> {
+        let path = format!("{}/Groups", self.base_path);
+        let body = ScimGroup {
+            id: None,
+            ..group.clone()
+        };
+        let response = self.call(Method::POST, &path, Some(to_json(&body))).await?;
+        let created: ScimGroup = parse(&response, &path)?;
+        if created.id.as_deref().is_none_or(str::is_empty) {
+            return Err(ScimError::BadResponse {
+                path,
+                detail: "the created group carries no `id`".into(),
+            });
+        }
+        Ok(created)
+    }
+
+    /// PATCH a Group. A 200 with the resource and a 204 without a body are both success.
+    pub async fn patch_group(&self, id: &str, ops: &[PatchOp]) -> Result<(), ScimError> {
+        let path = self.resource_path("Groups", id);
+        let body = PatchRequest::new(ops.to_vec());
+        self.call(Method::PATCH, &path, Some(to_json(&body)))
+            .await
+            .map(drop)
+    }
+
+    /// DELETE a Group.
+    pub async fn delete_group(&self, id: &str) -> Result<(), ScimError> {
+        let path = self.resource_path("Groups", id);
+        self.call(Method::DELETE, &path, None).await.map(drop)
+    }
+
+    /// The Group whose `externalId` is `external_id` (exactly), else the first whose
+    /// `displayName` is `display_name` (case-insensitively), if any: how a group whose
+    /// creation answer was lost, or that the server says exists, is found again.
+    pub async fn find_group(
+        &self,
+        external_id: &str,
+        display_name: &str,
+    ) -> Result<Option<ScimGroup>, ScimError> {
+        let by_ext = self.filter_groups("externalId", external_id).await?;
+        // Checked again here: a server that ignores `filter` returns every group.
+        if let Some(g) = by_ext
+            .into_iter()
+            .find(|g| g.external_id.as_deref() == Some(external_id))
+        {
+            return Ok(Some(g));
+        }
+        let wanted = display_name.to_lowercase();
+        Ok(self
+            .filter_groups("displayName", display_name)
+            .await?
+            .into_iter()
+            .find(|g| g.display_name.to_lowercase() == wanted))
+    }
+
+    async fn filter_groups(&self, attr: &str, value: &str) -> Result<Vec<ScimGroup>, ScimError> {
+        let path = format!("{}/Groups", self.base_path);
+        let filter = format!("{attr} eq {}", filter_string(value));
+        let query = format!("{path}?filter={}", utf8_percent_encode(&filter, COMPONENT));
+        let response = self.call(Method::GET, &query, None).await?;
+        let page: ListResponse<ScimGroup> = parse(&response, &path)?;
+        Ok(page.resources)
+    }
+
     /// GET `<base>/ServiceProviderConfig`: a cheap probe that tells a wrong base path (404) or
     /// wrong credentials apart before a run starts listing.
     pub async fn check_base(&self) -> Result<(), ScimError> {
@@ -204,8 +285,12 @@ impl ScimClient {
     }
 
     fn user_path(&self, id: &str) -> String {
+        self.resource_path("Users", id)
+    }
+
+    fn resource_path(&self, endpoint: &str, id: &str) -> String {
         format!(
-            "{}/Users/{}",
+            "{}/{endpoint}/{}",
             self.base_path,
             utf8_percent_encode(id, COMPONENT)
         )

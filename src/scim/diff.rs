@@ -5,7 +5,7 @@
 //! change to a user this hub does not manage unless that user is desired (matching adopts it).
 //! Unmanaged users that are not desired are only counted.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde_json::json;
 
@@ -68,6 +68,8 @@ pub enum DeprovisionMode {
 pub struct UserUpdate {
     pub id: String,
     pub external_id: String,
+    /// The desired userName, for the run's record.
+    pub user_name: String,
     pub ops: Vec<PatchOp>,
 }
 
@@ -76,6 +78,8 @@ pub struct UserUpdate {
 pub struct Deprovision {
     pub id: String,
     pub user_name: String,
+    /// The user's externalId on the server, if it has one.
+    pub external_id: Option<String>,
 }
 
 /// The complete, deterministic plan for one run.
@@ -98,6 +102,9 @@ pub struct UserPlan {
     /// External ids of desired users skipped because an earlier desired user (in external
     /// id order) has the same external id or the same userName (case-insensitively).
     pub skipped_duplicates: Vec<String>,
+    /// External id → SCIM id of every desired user found on the server (updated, adopted or
+    /// unchanged): what group memberships refer to before anything is created.
+    pub matched: BTreeMap<String, String>,
 }
 
 /// Compute the plan that brings `current` to `desired`.
@@ -120,6 +127,7 @@ pub fn plan_users(
         unchanged: 0,
         unmanaged: 0,
         skipped_duplicates: Vec::new(),
+        matched: BTreeMap::new(),
     };
 
     // Desired users in external id order, duplicates set aside: the input order (and thus
@@ -181,6 +189,7 @@ pub fn plan_users(
         };
         let user = present[i];
         let id = user.id.clone().unwrap_or_default();
+        plan.matched.insert(d.external_id.clone(), id.clone());
         if !managed.contains(&id) {
             plan.adopt.push((d.external_id.clone(), id.clone()));
         }
@@ -191,6 +200,7 @@ pub fn plan_users(
             plan.update.push(UserUpdate {
                 id,
                 external_id: d.external_id.clone(),
+                user_name: d.user_name.clone(),
                 ops,
             });
         }
@@ -209,6 +219,7 @@ pub fn plan_users(
             plan.deprovision.push(Deprovision {
                 id,
                 user_name: user.user_name.clone(),
+                external_id: user.external_id.clone(),
             });
         }
     }
@@ -371,6 +382,7 @@ mod tests {
             vec![UserUpdate {
                 id: "1".into(),
                 external_id: "e1".into(),
+                user_name: "alice".into(),
                 ops: vec![
                     PatchOp::replace("displayName", json!("alice display")),
                     PatchOp::remove("name.formatted"),
@@ -433,11 +445,13 @@ mod tests {
             vec![
                 Deprovision {
                     id: "8".into(),
-                    user_name: "yan".into()
+                    user_name: "yan".into(),
+                    external_id: Some("e8".into()),
                 },
                 Deprovision {
                     id: "9".into(),
-                    user_name: "zed".into()
+                    user_name: "zed".into(),
+                    external_id: Some("e9".into()),
                 },
             ]
         );
@@ -448,7 +462,8 @@ mod tests {
             plan.deprovision,
             vec![Deprovision {
                 id: "9".into(),
-                user_name: "zed".into()
+                user_name: "zed".into(),
+                external_id: Some("e9".into()),
             }]
         );
         assert_eq!(plan.unchanged, 1);
@@ -563,6 +578,8 @@ mod tests {
         assert_eq!(a.update.len(), 7);
         assert_eq!(a.adopt.len(), 5);
         assert_eq!(a.deprovision.len(), 2);
+        assert_eq!(a.matched.len(), 7);
+        assert_eq!(a.matched["e03"], "id3");
     }
 
     #[test]

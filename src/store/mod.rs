@@ -1,5 +1,5 @@
-//! The hub's durable state in SQLite: which SCIM resources each application's reconciler
-//! manages, and the record of every run.
+//! The hub's durable state in SQLite: which SCIM users and groups each application's
+//! reconciler manages, and the record of every run.
 //!
 //! Only the hub opens this database. It stores no secret: resource ids, counts and the
 //! administrator-facing message of each run.
@@ -33,8 +33,29 @@ pub struct Store {
     conn: Mutex<Connection>,
 }
 
+/// The tables of managed resource ids; the names are fixed, never taken from input.
+#[derive(Clone, Copy)]
+enum ManagedTable {
+    Users,
+    Groups,
+}
+
+impl ManagedTable {
+    fn name(self) -> &'static str {
+        match self {
+            ManagedTable::Users => "managed_users",
+            ManagedTable::Groups => "managed_groups",
+        }
+    }
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS managed_users (
+    app TEXT NOT NULL,
+    scim_id TEXT NOT NULL,
+    PRIMARY KEY (app, scim_id)
+);
+CREATE TABLE IF NOT EXISTS managed_groups (
     app TEXT NOT NULL,
     scim_id TEXT NOT NULL,
     PRIMARY KEY (app, scim_id)
@@ -85,21 +106,49 @@ impl Store {
 
     /// SCIM ids of the users this hub created or adopted in `app`.
     pub fn managed_users(&self, app: &str) -> Result<HashSet<String>, StoreError> {
+        self.managed(ManagedTable::Users, app)
+    }
+
+    /// Replaces the managed user set of `app` in one transaction.
+    pub fn set_managed_users(&self, app: &str, ids: &HashSet<String>) -> Result<(), StoreError> {
+        self.set_managed(ManagedTable::Users, app, ids)
+    }
+
+    /// SCIM ids of the groups this hub created or adopted in `app`.
+    pub fn managed_groups(&self, app: &str) -> Result<HashSet<String>, StoreError> {
+        self.managed(ManagedTable::Groups, app)
+    }
+
+    /// Replaces the managed group set of `app` in one transaction.
+    pub fn set_managed_groups(&self, app: &str, ids: &HashSet<String>) -> Result<(), StoreError> {
+        self.set_managed(ManagedTable::Groups, app, ids)
+    }
+
+    fn managed(&self, table: ManagedTable, app: &str) -> Result<HashSet<String>, StoreError> {
         self.with(|c| {
-            let mut stmt = c.prepare("SELECT scim_id FROM managed_users WHERE app = ?1")?;
+            let mut stmt = c.prepare(&format!(
+                "SELECT scim_id FROM {} WHERE app = ?1",
+                table.name()
+            ))?;
             let rows = stmt.query_map(params![app], |r| r.get::<_, String>(0))?;
             rows.collect()
         })
     }
 
-    /// Replaces the managed set of `app` in one transaction.
-    pub fn set_managed_users(&self, app: &str, ids: &HashSet<String>) -> Result<(), StoreError> {
+    fn set_managed(
+        &self,
+        table: ManagedTable,
+        app: &str,
+        ids: &HashSet<String>,
+    ) -> Result<(), StoreError> {
+        let name = table.name();
         self.with(|c| {
             let tx = c.transaction()?;
-            tx.execute("DELETE FROM managed_users WHERE app = ?1", params![app])?;
+            tx.execute(&format!("DELETE FROM {name} WHERE app = ?1"), params![app])?;
             {
-                let mut insert =
-                    tx.prepare("INSERT INTO managed_users (app, scim_id) VALUES (?1, ?2)")?;
+                let mut insert = tx.prepare(&format!(
+                    "INSERT INTO {name} (app, scim_id) VALUES (?1, ?2)"
+                ))?;
                 for id in ids {
                     insert.execute(params![app, id])?;
                 }
@@ -183,6 +232,9 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             let ids: HashSet<String> = ["a".to_string(), "b".to_string()].into();
             store.set_managed_users("crm", &ids).unwrap();
+            let groups: HashSet<String> = ["g".to_string()].into();
+            store.set_managed_groups("crm", &groups).unwrap();
+            store.set_managed_groups("crm", &groups).unwrap();
             let summary = RunSummary {
                 app: "crm".into(),
                 ok: true,
@@ -194,6 +246,11 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.managed_users("crm").unwrap().len(), 2);
         assert!(store.managed_users("other").unwrap().is_empty());
+        assert_eq!(
+            store.managed_groups("crm").unwrap(),
+            ["g".to_string()].into()
+        );
+        assert!(store.managed_groups("other").unwrap().is_empty());
         let last = store.last_run("crm").unwrap().unwrap();
         assert_eq!((last.run_id, last.created), (1, 2));
         assert!(store.last_run("other").unwrap().is_none());

@@ -1,9 +1,10 @@
 //! Reconciler: one per application. Decides when to run (at start after a short grace, every
 //! interval, on demand, and again as soon as a connector appears after a run that had none),
-//! computes the desired users from the directory and the access rule, and applies the plan
-//! through the tunnel. Each run is recorded in the state store.
+//! computes the desired users and groups from the directory and the access rule, and applies
+//! the plan through the tunnel. Each run is recorded in the state store.
 //!
-//! It only ever deprovisions users recorded as managed for its own application.
+//! It only ever deprovisions users, and renames or deletes groups, recorded as managed for its
+//! own application.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,14 +14,15 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::{info, warn};
 
 use super::tunnel_transport::TunnelTransport;
-use crate::config::directory::{DirUser, Directory};
+use crate::config::directory::{DirUser, Directory, GrantedGroup};
 use crate::config::hub::{AppConfig, DeprovisionMode as ConfigMode};
 use crate::messages::hub::{ReconcilerMsg, RegistryMsg, RunSummary};
 use crate::scim::client::ScimClient;
 use crate::scim::diff::{DeprovisionMode, DesiredUser};
 use crate::scim::error::ScimError;
+use crate::scim::group_diff::DesiredGroup;
 use crate::scim::resources::ScimEmail;
-use crate::scim::sync::sync_users;
+use crate::scim::sync::{sync, Managed, SyncError, SyncOptions};
 use crate::scim::transport::TransportError;
 use crate::store::Store;
 
@@ -153,7 +155,7 @@ pub async fn run_once(args: &ReconcilerArgs) -> RunSummary {
         Err(e) => warn!(app = %app.name, "cannot record the run: {e}"),
     }
     if summary.ok {
-        info!(app = %app.name, created = summary.created, updated = summary.updated, deprovisioned = summary.deprovisioned(), unchanged = summary.unchanged, "sync finished");
+        info!(app = %app.name, created = summary.created, updated = summary.updated, deprovisioned = summary.deprovisioned(), unchanged = summary.unchanged, groups_created = summary.groups.created, groups_updated = summary.groups.updated, groups_deleted = summary.groups.deleted, "sync finished");
     } else {
         warn!(app = %app.name, failed = summary.failed, "sync failed: {}", summary.message.as_deref().unwrap_or("see failures"));
     }
@@ -165,12 +167,19 @@ async fn reconcile(args: &ReconcilerArgs, summary: &mut RunSummary) -> Result<()
     let directory = Directory::load(&args.directory).map_err(|e| e.to_string())?;
     let granted = directory.granted(&app.grant);
     let desired: Vec<DesiredUser> = granted.users.iter().map(desired_user).collect();
+    let groups: Vec<DesiredGroup> = if app.provision_groups {
+        granted.groups.iter().map(desired_group).collect()
+    } else {
+        Vec::new()
+    };
     summary.desired = desired.len();
+    summary.groups_desired = groups.len();
 
-    let managed = args
-        .store
-        .managed_users(&app.name)
-        .map_err(|e| e.to_string())?;
+    let store_error = |e: crate::store::StoreError| e.to_string();
+    let managed = Managed {
+        users: args.store.managed_users(&app.name).map_err(store_error)?,
+        groups: args.store.managed_groups(&app.name).map_err(store_error)?,
+    };
     let transport = Arc::new(TunnelTransport::new(args.registry.clone(), app));
     let client = ScimClient::new(
         transport,
@@ -178,26 +187,51 @@ async fn reconcile(args: &ReconcilerArgs, summary: &mut RunSummary) -> Result<()
         app.auth.authorization().map(|s| s.expose().to_string()),
         app.page_size,
     );
-    let mode = match app.deprovision {
-        ConfigMode::Delete => DeprovisionMode::Delete,
-        ConfigMode::Deactivate => DeprovisionMode::Deactivate,
+    let options = SyncOptions {
+        mode: match app.deprovision {
+            ConfigMode::Delete => DeprovisionMode::Delete,
+            ConfigMode::Deactivate => DeprovisionMode::Deactivate,
+        },
+        guard: app.deletion_guard,
+        concurrency: CONCURRENCY,
+        member_batch: app.member_batch_size as usize,
+        groups: app.provision_groups,
     };
-    let report = sync_users(&client, &desired, &managed, mode, CONCURRENCY)
+    let report = sync(&client, &desired, &groups, &managed, &options)
         .await
-        .map_err(|e| diagnosis(&e))?;
+        .map_err(|e| sync_diagnosis(&e, app))?;
     args.store
-        .set_managed_users(&app.name, &report.managed_after)
-        .map_err(|e| e.to_string())?;
+        .set_managed_users(&app.name, &report.managed_after.users)
+        .map_err(store_error)?;
+    args.store
+        .set_managed_groups(&app.name, &report.managed_after.groups)
+        .map_err(store_error)?;
     summary.created = report.created;
     summary.updated = report.updated;
     summary.deactivated = report.deactivated;
     summary.deleted = report.deleted;
     summary.unchanged = report.unchanged;
     summary.unmanaged = report.unmanaged;
+    summary.groups = report.groups;
     summary.failed = report.failed;
     summary.requests = report.requests;
     summary.message = report.first_error.as_ref().map(diagnosis);
+    summary.operations = report.operations;
     Ok(())
+}
+
+/// The run's message when it changed nothing, naming the hub.toml key to change where one
+/// applies.
+fn sync_diagnosis(error: &SyncError, app: &AppConfig) -> String {
+    match error {
+        SyncError::List(e) => diagnosis(e),
+        SyncError::GroupsUnsupported(e) => format!(
+            "{}; if the app has no Groups, set apps.{}.provision_groups = false in hub.toml",
+            diagnosis(e),
+            app.name
+        ),
+        SyncError::Guard(refusal) => refusal.message(&format!("apps.{}.deletion_guard", app.name)),
+    }
 }
 
 fn diagnosis(error: &ScimError) -> String {
@@ -228,5 +262,15 @@ pub fn desired_user(user: &DirUser) -> DesiredUser {
             })
             .collect(),
         active: user.active,
+    }
+}
+
+/// The SCIM shape of a granted group: its members are the directory ids of granted users,
+/// which are those users' externalIds in the application.
+pub fn desired_group(group: &GrantedGroup) -> DesiredGroup {
+    DesiredGroup {
+        external_id: group.id.clone(),
+        display_name: group.display_name.clone(),
+        members: group.member_user_ids.clone(),
     }
 }
