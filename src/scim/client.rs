@@ -408,6 +408,7 @@ pub(crate) mod tests {
     /// An in-memory SCIM server behind the [`Transport`] trait, with quirks.
     pub(crate) struct FakeTransport {
         pub users: Mutex<Vec<ScimUser>>,
+        pub groups: Mutex<Vec<ScimGroup>>,
         pub quirks: Quirks,
         pub log: Mutex<Vec<ScimRequest>>,
     }
@@ -423,6 +424,7 @@ pub(crate) mod tests {
                 .collect();
             Arc::new(FakeTransport {
                 users: Mutex::new(users),
+                groups: Mutex::new(Vec::new()),
                 quirks,
                 log: Mutex::new(Vec::new()),
             })
@@ -446,6 +448,45 @@ pub(crate) mod tests {
                 headers: vec![("content-type".into(), SCIM_CONTENT_TYPE.into())],
                 body: serde_json::to_vec(&v).unwrap(),
             };
+            if req.method == Method::GET && req.path_and_query.starts_with("/scim/v2/Groups?") {
+                let groups = self.groups.lock().unwrap();
+                if let Some(filter) = Self::query_param(&req.path_and_query, "filter") {
+                    let found: Vec<&ScimGroup> = groups
+                        .iter()
+                        .filter(|g| {
+                            self.quirks.ignore_filter
+                                || filter
+                                    == format!(
+                                        "externalId eq {}",
+                                        filter_string(g.external_id.as_deref().unwrap_or(""))
+                                    )
+                                || filter.to_lowercase()
+                                    == format!(
+                                        "displayname eq {}",
+                                        filter_string(&g.display_name).to_lowercase()
+                                    )
+                        })
+                        .collect();
+                    return json_response(
+                        200,
+                        json!({"totalResults": found.len(), "Resources": found}),
+                    );
+                }
+                let start: usize = Self::query_param(&req.path_and_query, "startIndex")
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                let count: usize = Self::query_param(&req.path_and_query, "count")
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                let count = self.quirks.max_page.map_or(count, |m| count.min(m));
+                let page: Vec<&ScimGroup> = groups.iter().skip(start - 1).take(count).collect();
+                return json_response(
+                    200,
+                    json!({"totalResults": groups.len(), "Resources": page}),
+                );
+            }
             let mut users = self.users.lock().unwrap();
             if req.method == Method::GET && req.path_and_query.starts_with("/scim/v2/Users?") {
                 if let Some(filter) = Self::query_param(&req.path_and_query, "filter") {
@@ -606,6 +647,96 @@ pub(crate) mod tests {
             "{err:?}"
         );
         assert_eq!(t.log.lock().unwrap().len(), 2);
+    }
+
+    fn fake_groups(t: &FakeTransport, n: usize) {
+        let mut groups = t.groups.lock().unwrap();
+        for i in 0..n {
+            groups.push(ScimGroup {
+                id: Some(format!("g{i}")),
+                external_id: Some(format!("ext-g{i}")),
+                display_name: format!("Group {i}"),
+                members: vec![crate::scim::resources::GroupMember::user(&format!("id{i}"))],
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn lists_every_group_page_like_users() {
+        let t = FakeTransport::new(
+            0,
+            Quirks {
+                max_page: Some(4),
+                ..Default::default()
+            },
+        );
+        fake_groups(&t, 10);
+        let groups = client(&t, 100).list_groups().await.unwrap();
+        assert_eq!(groups.len(), 10);
+        assert_eq!(groups[9].members[0].value, "id9");
+        let log = t.log.lock().unwrap();
+        assert_eq!(log.len(), 3, "pages of 4, 4 and 2");
+        assert_eq!(
+            log[1].path_and_query,
+            "/scim/v2/Groups?startIndex=5&count=100"
+        );
+    }
+
+    #[tokio::test]
+    async fn find_group_by_external_id_then_display_name() {
+        let t = FakeTransport::new(0, Quirks::default());
+        fake_groups(&t, 3);
+        let c = client(&t, 10);
+        let g = c.find_group("ext-g1", "whatever").await.unwrap().unwrap();
+        assert_eq!(g.id.as_deref(), Some("g1"));
+        let g = c.find_group("unknown", "GROUP 2").await.unwrap().unwrap();
+        assert_eq!(g.id.as_deref(), Some("g2"));
+        assert!(c.find_group("unknown", "nope").await.unwrap().is_none());
+        let log = t.log.lock().unwrap();
+        assert_eq!(
+            log[0].path_and_query,
+            "/scim/v2/Groups?filter=externalId%20eq%20%22ext-g1%22"
+        );
+        assert_eq!(
+            log[2].path_and_query,
+            "/scim/v2/Groups?filter=displayName%20eq%20%22GROUP%202%22"
+        );
+        // A server that ignores the filter is checked again on our side.
+        let t = FakeTransport::new(
+            0,
+            Quirks {
+                ignore_filter: true,
+                ..Default::default()
+            },
+        );
+        fake_groups(&t, 3);
+        let g = client(&t, 10)
+            .find_group("ext-g2", "x")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(g.id.as_deref(), Some("g2"));
+    }
+
+    #[tokio::test]
+    async fn group_patch_accepts_204_and_200() {
+        for quirk in [false, true] {
+            let t = FakeTransport::new(
+                0,
+                Quirks {
+                    patch_no_content: quirk,
+                    ..Default::default()
+                },
+            );
+            client(&t, 10)
+                .patch_group("g/1", &[PatchOp::remove("members[value eq \"a\"]")])
+                .await
+                .unwrap();
+            assert_eq!(
+                t.log.lock().unwrap()[0].path_and_query,
+                "/scim/v2/Groups/g%2F1"
+            );
+        }
     }
 
     #[tokio::test]

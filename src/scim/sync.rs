@@ -1255,4 +1255,526 @@ mod tests {
         );
         server.shutdown().await;
     }
+
+    // ---- groups -------------------------------------------------------------------------
+
+    fn group(ext: &str, name: &str, members: impl IntoIterator<Item = usize>) -> DesiredGroup {
+        DesiredGroup {
+            external_id: ext.into(),
+            display_name: name.into(),
+            members: members
+                .into_iter()
+                .map(|i| desired(i).external_id)
+                .collect(),
+        }
+    }
+
+    /// displayName → sorted member externalIds (unknown member ids as `?<id>`), read from the
+    /// server's own state.
+    fn groups_of(server: &DemoScimServer) -> std::collections::BTreeMap<String, Vec<String>> {
+        let ext_of: HashMap<String, String> = server
+            .users()
+            .into_iter()
+            .map(|u| (u.id.unwrap(), u.external_id.unwrap_or_default()))
+            .collect();
+        server
+            .groups()
+            .into_iter()
+            .map(|g| {
+                let mut members: Vec<String> = g
+                    .members
+                    .iter()
+                    .map(|m| {
+                        ext_of
+                            .get(&m.value)
+                            .cloned()
+                            .unwrap_or_else(|| format!("?{}", m.value))
+                    })
+                    .collect();
+                members.sort();
+                (g.display_name, members)
+            })
+            .collect()
+    }
+
+    fn exts(range: impl IntoIterator<Item = usize>) -> Vec<String> {
+        let mut v: Vec<String> = range.into_iter().map(|i| desired(i).external_id).collect();
+        v.sort();
+        v
+    }
+
+    fn options(mode: DeprovisionMode, batch: usize) -> SyncOptions {
+        SyncOptions {
+            member_batch: batch,
+            concurrency: 4,
+            ..SyncOptions::new(mode)
+        }
+    }
+
+    /// Passes requests on and remembers `METHOD path` of each, in order.
+    struct Recording(Arc<dyn Transport>, std::sync::Mutex<Vec<String>>);
+
+    impl Transport for Recording {
+        fn send(
+            &self,
+            request: ScimRequest,
+        ) -> BoxFuture<'_, Result<ScimResponse, TransportError>> {
+            let line = format!("{} {}", request.method, request.path_and_query);
+            let body = request
+                .body
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            self.1.lock().unwrap().push(format!("{line} {body}"));
+            self.0.send(request)
+        }
+    }
+
+    #[tokio::test]
+    async fn groups_are_created_renamed_re_membered_and_deleted() {
+        let (server, transport) = demo(None).await;
+        let recording = Arc::new(Recording(transport, Default::default()));
+        let client = ScimClient::new(recording.clone(), server.base_path().into(), None, 100);
+        // A group that was there before the hub, with a member the hub will provision: it
+        // matches nothing and is never renamed, re-membered or deleted.
+        let legacy_member = client
+            .create_user(&ScimUser {
+                user_name: "legacy@example.org".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .id
+            .unwrap();
+        client
+            .create_group(&ScimGroup {
+                display_name: "Legacy".into(),
+                members: vec![GroupMember::user(&legacy_member)],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+
+        let mut users: Vec<DesiredUser> = (0..30).map(desired).collect();
+        let mut groups = vec![group("g-a", "Alpha", 0..20), group("g-b", "Beta", 10..30)];
+        let opts = options(DeprovisionMode::Delete, 7);
+        let before = client.request_count();
+        let first = sync(&client, &users, &groups, &Managed::default(), &opts)
+            .await
+            .unwrap();
+        assert_eq!(first.failed, 0, "{:?}", first.first_error);
+        assert_eq!((first.created, first.groups.created), (30, 2));
+        assert_eq!(first.groups.members_added, 40);
+        assert_eq!(first.groups.unmanaged, 1);
+        assert_eq!(first.unmanaged, 1);
+        // Listing users and groups, 30 user POSTs, 2 group POSTs carrying 7 members each, and
+        // the other 13 members of each group in PATCHes of at most 7: 2 + 30 + 2 + 4.
+        assert_eq!(first.requests, 38);
+        assert_eq!(client.request_count() - before, 38);
+        let held = groups_of(&server);
+        assert_eq!(held["Alpha"], exts(0..20));
+        assert_eq!(held["Beta"], exts(10..30));
+        assert_eq!(held["Legacy"].len(), 1);
+        assert_eq!(first.managed_after.groups.len(), 2);
+        let creates: Vec<&ResourceOp> = first
+            .operations
+            .iter()
+            .filter(|o| o.resource == ResourceKind::Group)
+            .collect();
+        assert_eq!(creates.len(), 4, "2 creates + 2 member additions");
+        assert!(creates.iter().all(|o| o.succeeded()));
+
+        // Nothing changed: one page of users and one of groups, nothing else.
+        let again = sync(&client, &users, &groups, &first.managed_after, &opts)
+            .await
+            .unwrap();
+        assert_eq!(again.requests, 2);
+        assert_eq!((again.unchanged, again.groups.unchanged), (30, 2));
+        assert!(again.operations.is_empty());
+
+        // Rename Alpha; user 15 leaves Alpha (stays in Beta); user 0 leaves every group and
+        // is deprovisioned; newcomer 30 joins Beta.
+        groups[0].display_name = "Alpha Team".into();
+        groups[0]
+            .members
+            .retain(|m| m != "ext-0015" && m != "ext-0000");
+        users.retain(|u| u.external_id != "ext-0000");
+        users.push(desired(30));
+        groups[1].members.push(desired(30).external_id);
+        recording.1.lock().unwrap().clear();
+        let third = sync(&client, &users, &groups, &again.managed_after, &opts)
+            .await
+            .unwrap();
+        assert_eq!(third.failed, 0, "{:?}", third.first_error);
+        assert_eq!((third.created, third.deleted), (1, 1));
+        assert_eq!(third.groups.updated, 2);
+        assert_eq!(
+            (third.groups.members_added, third.groups.members_removed),
+            (1, 2)
+        );
+        let held = groups_of(&server);
+        assert!(!held.contains_key("Alpha"));
+        assert_eq!(
+            held["Alpha Team"],
+            exts((1..20).filter(|i| *i != 15)),
+            "no dangling member of the deleted user"
+        );
+        assert_eq!(held["Beta"], exts(10..31));
+        assert_eq!(held["Legacy"].len(), 1, "unmanaged group untouched");
+        // The membership went before the user.
+        let log = recording.1.lock().unwrap().clone();
+        let alpha_patch = log
+            .iter()
+            .position(|l| l.starts_with("PATCH /scim/v2/Groups/") && l.contains("members[value eq"))
+            .expect("a member removal");
+        let user_delete = log
+            .iter()
+            .position(|l| l.starts_with("DELETE /scim/v2/Users/"))
+            .expect("a user deletion");
+        assert!(alpha_patch < user_delete, "{log:#?}");
+        let kinds: Vec<(OpKind, ResourceKind)> = third
+            .operations
+            .iter()
+            .map(|o| (o.kind, o.resource))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (OpKind::Update, ResourceKind::Group),
+                (OpKind::RemoveMembers, ResourceKind::Group),
+                (OpKind::Delete, ResourceKind::User),
+                (OpKind::Create, ResourceKind::User),
+                (OpKind::AddMembers, ResourceKind::Group),
+            ]
+        );
+
+        // Beta is no longer granted: the managed group goes, its users stay in Alpha Team or
+        // go; Legacy stays.
+        groups.pop();
+        let keep: HashSet<String> = groups[0].members.iter().cloned().collect();
+        users.retain(|u| keep.contains(&u.external_id));
+        let fourth = sync(
+            &client,
+            &users,
+            &groups,
+            &third.managed_after,
+            &SyncOptions {
+                guard: DeletionGuard::Count(20),
+                ..opts
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(fourth.failed, 0, "{:?}", fourth.first_error);
+        assert_eq!(fourth.groups.deleted, 1);
+        assert_eq!(fourth.deleted, 12, "users 20..=30 and 15 were only in Beta");
+        let held = groups_of(&server);
+        assert_eq!(held.keys().collect::<Vec<_>>(), ["Alpha Team", "Legacy"]);
+        assert_eq!(server.group_count(), 2);
+        assert_eq!(server.user_count(), 18 + 1);
+        assert_eq!(fourth.managed_after.groups.len(), 1);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn the_deletion_guard_stops_the_run_before_any_change() {
+        let (server, transport) = demo(None).await;
+        let client = ScimClient::new(transport, server.base_path().into(), None, 100);
+        let users: Vec<DesiredUser> = (0..20).map(desired).collect();
+        let groups = [group("g-a", "Alpha", 0..20)];
+        let opts = options(DeprovisionMode::Delete, 100);
+        let first = sync(&client, &users, &groups, &Managed::default(), &opts)
+            .await
+            .unwrap();
+        assert_eq!(first.created, 20);
+
+        // The directory lost 15 of 20 users: 15 of 21 managed resources is more than half.
+        let served = server.request_count();
+        let err = sync(
+            &client,
+            &users[..5],
+            &[group("g-a", "Alpha", 0..5)],
+            &first.managed_after,
+            &opts,
+        )
+        .await
+        .unwrap_err();
+        let SyncError::Guard(refusal) = &err else {
+            panic!("expected the guard, got {err:?}");
+        };
+        assert_eq!(
+            (refusal.users, refusal.groups, refusal.managed),
+            (15, 0, 21)
+        );
+        assert_eq!(refusal.limit, 10);
+        let message = refusal.message("apps.crm.deletion_guard");
+        assert!(message.contains("deprovision 15 users"), "{message}");
+        assert!(message.contains("apps.crm.deletion_guard"), "{message}");
+        assert!(message.contains("nothing was changed"), "{message}");
+        // Only the two listings reached the server; nothing was changed.
+        assert_eq!(server.request_count() - served, 2);
+        assert_eq!(server.user_count(), 20);
+        assert_eq!(groups_of(&server)["Alpha"], exts(0..20));
+
+        // A count guard, and a group deletion counted like a user.
+        let err = sync(
+            &client,
+            &users,
+            &[],
+            &first.managed_after,
+            &SyncOptions {
+                guard: DeletionGuard::Count(0),
+                ..opts
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&err, SyncError::Guard(r) if (r.users, r.groups, r.limit) == (0, 1, 0)),
+            "{err:?}"
+        );
+
+        // Raised, the same run goes through.
+        let run = sync(
+            &client,
+            &users[..5],
+            &[group("g-a", "Alpha", 0..5)],
+            &first.managed_after,
+            &SyncOptions {
+                guard: DeletionGuard::Percent(100),
+                ..opts
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!((run.deleted, run.groups.members_removed), (15, 15));
+        assert_eq!(server.user_count(), 5);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_user_granted_again_is_reactivated_and_rejoins_its_group() {
+        let (server, transport) = demo(None).await;
+        let client = ScimClient::new(transport, server.base_path().into(), None, 100);
+        let users: Vec<DesiredUser> = (0..4).map(desired).collect();
+        let groups = vec![group("g-a", "Alpha", 0..4)];
+        let opts = options(DeprovisionMode::Deactivate, 100);
+        let first = sync(&client, &users, &groups, &Managed::default(), &opts)
+            .await
+            .unwrap();
+        let id_of_3 = server
+            .users()
+            .into_iter()
+            .find(|u| u.external_id.as_deref() == Some("ext-0003"))
+            .unwrap()
+            .id;
+
+        // User 3 loses access: deactivated, kept, out of the group.
+        let second = sync(
+            &client,
+            &users[..3],
+            &[group("g-a", "Alpha", 0..3)],
+            &first.managed_after,
+            &opts,
+        )
+        .await
+        .unwrap();
+        assert_eq!((second.deactivated, second.deleted), (1, 0));
+        assert_eq!(groups_of(&server)["Alpha"], exts(0..3));
+        assert_eq!(server.user_count(), 4);
+
+        // Granted again: the same account comes back active, nothing is duplicated.
+        let third = sync(&client, &users, &groups, &second.managed_after, &opts)
+            .await
+            .unwrap();
+        assert_eq!((third.created, third.updated), (0, 1));
+        assert_eq!(server.user_count(), 4);
+        let back = server
+            .users()
+            .into_iter()
+            .find(|u| u.external_id.as_deref() == Some("ext-0003"))
+            .unwrap();
+        assert_eq!((back.id, back.active), (id_of_3, Some(true)));
+        assert_eq!(groups_of(&server)["Alpha"], exts(0..4));
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_group_create_that_conflicts_or_lost_its_answer_adopts_instead_of_duplicating() {
+        let (server, transport) = demo(None).await;
+        let lossy = ScimClient::new(
+            Arc::new(LosePostAnswers(transport.clone())),
+            server.base_path().into(),
+            None,
+            100,
+        );
+        let users: Vec<DesiredUser> = (0..6).map(desired).collect();
+        let groups = [group("g-a", "Alpha", 0..6), group("g-b", "Beta", 3..6)];
+        let opts = options(DeprovisionMode::Delete, 4);
+        let run = sync(&lossy, &users, &groups, &Managed::default(), &opts)
+            .await
+            .unwrap();
+        assert_eq!(run.failed, 0, "{:?}", run.first_error);
+        assert_eq!((run.created, run.groups.created), (6, 2));
+        assert_eq!(server.group_count(), 2);
+        let held = groups_of(&server);
+        assert_eq!(held["Alpha"], exts(0..6));
+        assert_eq!(held["Beta"], exts(3..6));
+        assert_eq!(run.managed_after.groups.len(), 2);
+
+        // Someone creates "GAMMA" after our listing: the POST of Gamma gets 409 and the
+        // existing group is adopted and brought to the desired state.
+        let client = ScimClient::new(transport, server.base_path().into(), None, 100);
+        let theirs = client
+            .create_group(&ScimGroup {
+                display_name: "GAMMA".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .id
+            .unwrap();
+        let ids: HashMap<String, String> = server
+            .users()
+            .into_iter()
+            .map(|u| (u.external_id.unwrap(), u.id.unwrap()))
+            .collect();
+        let gamma = group("g-c", "Gamma", 0..2);
+        let members: Vec<String> = gamma.member_ids(&ids).into_iter().collect();
+        let done = create_group(&client, &gamma, &members, &ids, 100).await;
+        assert!(done.error.is_none(), "{:?}", done.error);
+        assert_eq!(done.records[0].kind, OpKind::Adopt);
+        assert_eq!(done.records[0].id.as_deref(), Some(theirs.as_str()));
+        assert_eq!(done.groups.updated, 1);
+        let adopted = server
+            .groups()
+            .into_iter()
+            .find(|g| g.id.as_deref() == Some(theirs.as_str()))
+            .unwrap();
+        assert_eq!(adopted.display_name, "Gamma");
+        assert_eq!(adopted.external_id.as_deref(), Some("g-c"));
+        assert_eq!(groups_of(&server)["Gamma"], exts(0..2));
+        assert_eq!(server.group_count(), 3);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn groups_off_lists_and_touches_no_group() {
+        let (server, transport) = demo(None).await;
+        let client = ScimClient::new(transport, server.base_path().into(), None, 100);
+        let users: Vec<DesiredUser> = (0..3).map(desired).collect();
+        let opts = SyncOptions {
+            groups: false,
+            ..options(DeprovisionMode::Delete, 100)
+        };
+        let run = sync(
+            &client,
+            &users,
+            &[group("g-a", "Alpha", 0..3)],
+            &Managed::default(),
+            &opts,
+        )
+        .await
+        .unwrap();
+        assert_eq!((run.created, run.groups.created), (3, 0));
+        assert_eq!(run.requests, 1 + 3);
+        assert_eq!(server.group_count(), 0);
+        server.shutdown().await;
+    }
+
+    /// Answers `GET …/Groups` with 404 and passes everything else on.
+    struct NoGroups(Arc<dyn Transport>);
+
+    impl Transport for NoGroups {
+        fn send(
+            &self,
+            request: ScimRequest,
+        ) -> BoxFuture<'_, Result<ScimResponse, TransportError>> {
+            if request.path_and_query.contains("/Groups") {
+                return Box::pin(async {
+                    Ok(ScimResponse {
+                        status: 404,
+                        headers: vec![],
+                        body: br#"{"status": "404", "detail": "no such endpoint"}"#.to_vec(),
+                    })
+                });
+            }
+            self.0.send(request)
+        }
+    }
+
+    #[tokio::test]
+    async fn an_app_without_groups_is_told_how_to_switch_them_off() {
+        let (server, transport) = demo(None).await;
+        let client = ScimClient::new(
+            Arc::new(NoGroups(transport)),
+            server.base_path().into(),
+            None,
+            100,
+        );
+        let err = sync(
+            &client,
+            &[desired(1)],
+            &[group("g-a", "Alpha", [1])],
+            &Managed::default(),
+            &options(DeprovisionMode::Delete, 100),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&err, SyncError::GroupsUnsupported(e) if e.status() == Some(404)),
+            "{err:?}"
+        );
+        assert_eq!(server.user_count(), 0, "nothing was changed");
+        server.shutdown().await;
+    }
+
+    /// DESIGN §6 at scale: a resync with nothing to do costs list pages only, never a request
+    /// per user or per group. `examples/resync_requests.rs` prints the same figure for 10,000
+    /// users in 100 groups (101 requests at page size 100, 11 at 1000).
+    #[tokio::test]
+    async fn a_no_change_resync_costs_list_pages_only() {
+        let (server, transport) = demo(None).await;
+        let page = 100;
+        let client = ScimClient::new(transport, server.base_path().into(), None, page);
+        let (n_users, n_groups) = (1000, 10);
+        let users: Vec<DesiredUser> = (0..n_users).map(desired).collect();
+        let groups: Vec<DesiredGroup> = (0..n_groups)
+            .map(|g| {
+                group(
+                    &format!("g{g}"),
+                    &format!("Group {g}"),
+                    (0..n_users).filter(move |i| i % n_groups == g),
+                )
+            })
+            .collect();
+        let opts = SyncOptions {
+            concurrency: 8,
+            ..options(DeprovisionMode::Delete, 100)
+        };
+        let first = sync(&client, &users, &groups, &Managed::default(), &opts)
+            .await
+            .unwrap();
+        assert_eq!(first.failed, 0, "{:?}", first.first_error);
+        assert_eq!(first.groups.members_added, n_users);
+        let served = server.request_count();
+        let again = sync(&client, &users, &groups, &first.managed_after, &opts)
+            .await
+            .unwrap();
+        let requests = server.request_count() - served;
+        eprintln!(
+            "no-change resync of {n_users} users in {n_groups} groups: {requests} requests \
+             (page size {page})"
+        );
+        assert_eq!(
+            requests as usize,
+            n_users.div_ceil(page as usize) + n_groups.div_ceil(page as usize)
+        );
+        assert_eq!(again.requests, requests as usize);
+        assert_eq!(
+            (again.unchanged, again.groups.unchanged),
+            (n_users, n_groups)
+        );
+        server.shutdown().await;
+    }
 }
