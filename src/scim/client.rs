@@ -692,13 +692,19 @@ pub(crate) mod tests {
         let g = c.find_group("unknown", "GROUP 2").await.unwrap().unwrap();
         assert_eq!(g.id.as_deref(), Some("g2"));
         assert!(c.find_group("unknown", "nope").await.unwrap().is_none());
-        let log = t.log.lock().unwrap();
+        let log: Vec<String> = t
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.path_and_query.clone())
+            .collect();
         assert_eq!(
-            log[0].path_and_query,
+            log[0],
             "/scim/v2/Groups?filter=externalId%20eq%20%22ext-g1%22"
         );
         assert_eq!(
-            log[2].path_and_query,
+            log[2],
             "/scim/v2/Groups?filter=displayName%20eq%20%22GROUP%202%22"
         );
         // A server that ignores the filter is checked again on our side.

@@ -82,11 +82,7 @@ impl GuardRefusal {
     /// The run's message; `setting` names the key to change (e.g. `apps.crm.deletion_guard`).
     pub fn message(&self, setting: &str) -> String {
         let total = self.users + self.groups;
-        let percent = if self.managed == 0 {
-            100
-        } else {
-            total * 100 / self.managed
-        };
+        let percent = (total * 100).checked_div(self.managed).unwrap_or(100);
         format!(
             "deletion guard stopped the run: it would deprovision {users} user{us} and delete \
              {groups} group{gs} ({total} of the {managed} resources this hub manages there, \
