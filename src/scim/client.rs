@@ -152,18 +152,27 @@ impl ScimClient {
 
     /// POST a new User; returns it as the server stored it (with its `id`).
     pub async fn create_user(&self, user: &ScimUser) -> Result<ScimUser, ScimError> {
-        let path = format!("{}/Users", self.base_path);
         // `id` is the server's to assign; strict servers reject a client-chosen one.
         let body = ScimUser {
             id: None,
             ..user.clone()
         };
-        let response = self.call(Method::POST, &path, Some(to_json(&body))).await?;
-        let created: ScimUser = parse(&response, &path)?;
-        if created.id.as_deref().is_none_or(str::is_empty) {
+        self.create(&body, "user").await
+    }
+
+    /// POST `body` to its endpoint; the answer must be the stored resource with an `id`.
+    async fn create<T: Resource + serde::Serialize + DeserializeOwned>(
+        &self,
+        body: &T,
+        noun: &str,
+    ) -> Result<T, ScimError> {
+        let path = format!("{}/{}", self.base_path, T::ENDPOINT);
+        let response = self.call(Method::POST, &path, Some(to_json(body))).await?;
+        let created: T = parse(&response, &path)?;
+        if created.scim_id().is_none_or(str::is_empty) {
             return Err(ScimError::BadResponse {
                 path,
-                detail: "the created user carries no `id`".into(),
+                detail: format!("the created {noun} carries no `id`"),
             });
         }
         Ok(created)
@@ -204,20 +213,11 @@ impl ScimClient {
 
     /// POST a new Group; returns it as the server stored it (with its `id`).
     pub async fn create_group(&self, group: &ScimGroup) -> Result<ScimGroup, ScimError> {
-        let path = format!("{}/Groups", self.base_path);
         let body = ScimGroup {
             id: None,
             ..group.clone()
         };
-        let response = self.call(Method::POST, &path, Some(to_json(&body))).await?;
-        let created: ScimGroup = parse(&response, &path)?;
-        if created.id.as_deref().is_none_or(str::is_empty) {
-            return Err(ScimError::BadResponse {
-                path,
-                detail: "the created group carries no `id`".into(),
-            });
-        }
-        Ok(created)
+        self.create(&body, "group").await
     }
 
     /// PATCH a Group. A 200 with the resource and a 204 without a body are both success.

@@ -10,6 +10,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use serde_json::json;
 
+use crate::scim::diff::{match_resources, Matchable};
 use crate::scim::resources::{GroupMember, PatchOp, ScimGroup};
 
 /// A group as the directory and the access rule say it should exist in the application.
@@ -31,6 +32,24 @@ impl DesiredGroup {
             .iter()
             .filter_map(|ext| ids.get(ext).cloned())
             .collect()
+    }
+}
+
+impl Matchable for DesiredGroup {
+    fn match_external_id(&self) -> Option<&str> {
+        Some(&self.external_id)
+    }
+    fn match_name(&self) -> &str {
+        &self.display_name
+    }
+}
+
+impl Matchable for ScimGroup {
+    fn match_external_id(&self) -> Option<&str> {
+        self.external_id.as_deref()
+    }
+    fn match_name(&self) -> &str {
+        &self.display_name
     }
 }
 
@@ -105,75 +124,20 @@ pub fn plan_groups(
 ) -> GroupPlan {
     let mut plan = GroupPlan::default();
 
-    let mut wanted: Vec<&DesiredGroup> = desired.iter().collect();
-    // A total order, so which of two duplicates is kept does not depend on input order.
-    wanted
-        .sort_by(|a, b| (&a.external_id, &a.display_name).cmp(&(&b.external_id, &b.display_name)));
-    let mut seen_ext = HashSet::new();
-    let mut seen_name = HashSet::new();
-    wanted.retain(|d| {
-        let name = d.display_name.to_lowercase();
-        if seen_ext.contains(d.external_id.as_str()) || seen_name.contains(&name) {
-            plan.skipped_duplicates.push(d.external_id.clone());
-            return false;
-        }
-        seen_ext.insert(d.external_id.as_str());
-        seen_name.insert(name);
-        true
-    });
-
-    // Id order makes the plan independent of the server's listing order; groups without an
-    // id cannot be addressed and are left alone.
-    let mut present: Vec<&ScimGroup> = current.iter().filter(|g| g.id.is_some()).collect();
-    present.sort_by(|a, b| a.id.cmp(&b.id));
-    let mut by_ext: HashMap<&str, usize> = HashMap::new();
-    let mut by_name: HashMap<String, usize> = HashMap::new();
-    for (i, g) in present.iter().enumerate() {
-        if let Some(ext) = g.external_id.as_deref() {
-            by_ext.entry(ext).or_insert(i);
-        }
-        by_name.entry(g.display_name.to_lowercase()).or_insert(i);
-    }
-
-    let mut claimed = vec![false; present.len()];
-    let mut matched: Vec<Option<usize>> = vec![None; wanted.len()];
-    for (w, d) in wanted.iter().enumerate() {
-        if let Some(&i) = by_ext.get(d.external_id.as_str()) {
-            if !claimed[i] {
-                claimed[i] = true;
-                matched[w] = Some(i);
-            }
-        }
-    }
-    for (w, d) in wanted.iter().enumerate() {
-        if matched[w].is_some() {
-            continue;
-        }
-        if let Some(&i) = by_name.get(&d.display_name.to_lowercase()) {
-            if !claimed[i] {
-                claimed[i] = true;
-                matched[w] = Some(i);
-            }
-        }
-    }
-
-    for (w, d) in wanted.iter().enumerate() {
-        let Some(i) = matched[w] else {
-            plan.create.push((*d).clone());
+    let matching = match_resources(desired, current);
+    plan.skipped_duplicates = matching.skipped;
+    for (d, found) in matching.wanted {
+        let Some(group) = found else {
+            plan.create.push(d.clone());
             continue;
         };
-        let group = present[i];
         let id = group.id.clone().unwrap_or_default();
         if !managed.contains(&id) {
             plan.adopt.push((d.external_id.clone(), id.clone()));
         }
         plan.change.push(change_for(id, d, group, user_ids));
     }
-
-    for (i, group) in present.iter().enumerate() {
-        if claimed[i] {
-            continue;
-        }
+    for group in matching.unclaimed {
         let id = group.id.clone().unwrap_or_default();
         if managed.contains(&id) {
             plan.delete.push(GroupDelete {
@@ -185,7 +149,7 @@ pub fn plan_groups(
             plan.unmanaged += 1;
         }
     }
-    plan.unmanaged += current.len() - present.len();
+    plan.unmanaged += matching.without_id;
     plan.delete
         .sort_by(|a, b| (&a.display_name, &a.id).cmp(&(&b.display_name, &b.id)));
     plan

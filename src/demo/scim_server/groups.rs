@@ -10,119 +10,13 @@
 use super::*;
 use crate::scim::resources::{GroupMember, GROUP_SCHEMA};
 
-/// One stored group and its bookkeeping.
-struct StoredGroup {
-    group: ScimGroup,
-    created: String,
-    modified: String,
-    version: u64,
-}
-
-/// Groups in creation order, with their indexes.
-#[derive(Default)]
-pub(super) struct GroupTable {
-    next_seq: u64,
-    groups: BTreeMap<u64, StoredGroup>,
-    seq_by_id: HashMap<String, u64>,
-    /// Lower-cased displayName → id.
-    id_by_name: HashMap<String, String>,
-}
-
-impl GroupTable {
-    pub(super) fn len(&self) -> usize {
-        self.groups.len()
-    }
-
-    pub(super) fn all(&self) -> Vec<ScimGroup> {
-        self.groups.values().map(|g| g.group.clone()).collect()
-    }
-
-    fn get(&self, id: &str) -> Option<&StoredGroup> {
-        self.seq_by_id.get(id).and_then(|seq| self.groups.get(seq))
-    }
-
-    fn contains(&self, id: &str) -> bool {
-        self.seq_by_id.contains_key(id)
-    }
-
-    fn name_taken(&self, name: &str, except_id: Option<&str>) -> bool {
-        self.id_by_name
-            .get(&name.to_lowercase())
-            .is_some_and(|owner| Some(owner.as_str()) != except_id)
-    }
-
-    fn insert(&mut self, mut group: ScimGroup) -> Result<&StoredGroup, Failure> {
-        if self.name_taken(&group.display_name, None) {
-            return Err(name_conflict(&group.display_name));
-        }
-        let id = new_id();
-        group.id = Some(id.clone());
-        let now = rfc3339_now();
-        self.next_seq += 1;
-        let seq = self.next_seq;
-        self.id_by_name
-            .insert(group.display_name.to_lowercase(), id.clone());
-        self.seq_by_id.insert(id, seq);
-        let stored = StoredGroup {
-            group,
-            created: now.clone(),
-            modified: now,
-            version: 1,
-        };
-        Ok(self.groups.entry(seq).or_insert(stored))
-    }
-
-    fn replace(&mut self, id: &str, mut group: ScimGroup) -> Result<(), Failure> {
-        let seq = *self.seq_by_id.get(id).ok_or_else(|| group_not_found(id))?;
-        if self.name_taken(&group.display_name, Some(id)) {
-            return Err(name_conflict(&group.display_name));
-        }
-        let stored = self
-            .groups
-            .get_mut(&seq)
-            .ok_or_else(|| group_not_found(id))?;
-        self.id_by_name
-            .remove(&stored.group.display_name.to_lowercase());
-        self.id_by_name
-            .insert(group.display_name.to_lowercase(), id.to_string());
-        group.id = Some(id.to_string());
-        stored.group = group;
-        stored.modified = rfc3339_now();
-        stored.version += 1;
-        Ok(())
-    }
-
-    fn remove(&mut self, id: &str) -> bool {
-        let Some(seq) = self.seq_by_id.remove(id) else {
-            return false;
-        };
-        if let Some(stored) = self.groups.remove(&seq) {
-            self.id_by_name
-                .remove(&stored.group.display_name.to_lowercase());
-        }
-        true
-    }
-}
-
-fn name_conflict(name: &str) -> Failure {
-    Failure::new(
-        StatusCode::CONFLICT,
-        Some("uniqueness"),
-        format!("displayName `{name}` is already in use"),
-    )
-}
-
 fn group_not_found(id: &str) -> Failure {
-    Failure::new(
-        StatusCode::NOT_FOUND,
-        None,
-        format!("Group `{id}` not found"),
-    )
+    Failure::not_found("Group", id)
 }
 
 /// A group as it is served: members carry their `display` and `$ref`.
-fn render(stored: &StoredGroup, store: &Store, base_url: &str) -> Value {
-    let g = &stored.group;
+fn render(stored: &Stored<ScimGroup>, store: &Store, base_url: &str) -> Value {
+    let g = &stored.resource;
     let id = g.id.as_deref().unwrap_or_default();
     let mut value = json!({
         "schemas": [GROUP_SCHEMA],
@@ -138,7 +32,7 @@ fn render(stored: &StoredGroup, store: &Store, base_url: &str) -> Value {
             .iter()
             .map(|m| {
                 let mut out = json!({"value": m.value});
-                let user = store.get(&m.value).map(|s| &s.user);
+                let user = store.users.get(&m.value).map(|s| &s.resource);
                 let kind = m
                     .kind
                     .clone()
@@ -168,19 +62,6 @@ fn render(stored: &StoredGroup, store: &Store, base_url: &str) -> Value {
     value
 }
 
-fn group_response(status: StatusCode, body: Value, version: u64) -> Response {
-    let mut response = scim_response(status, &body);
-    if let Ok(etag) = HeaderValue::from_str(&format!("W/\"{version}\"")) {
-        response.headers_mut().insert(header::ETAG, etag);
-    }
-    if status == StatusCode::CREATED {
-        if let Some(Ok(location)) = body["meta"]["location"].as_str().map(HeaderValue::from_str) {
-            response.headers_mut().insert(header::LOCATION, location);
-        }
-    }
-    response
-}
-
 pub(super) async fn list(
     State(shared): State<Arc<Shared>>,
     RawQuery(raw): RawQuery,
@@ -197,18 +78,17 @@ pub(super) async fn list(
     }
     let base = base_url(&shared, &headers);
     let store = shared.store();
-    let matches = |s: &&StoredGroup| match &filter {
+    let matches = |s: &&Stored<ScimGroup>| match &filter {
         None => true,
         Some((FilterAttr::DisplayName, v)) => {
-            s.group.display_name.to_lowercase() == v.to_lowercase()
+            s.resource.display_name.to_lowercase() == v.to_lowercase()
         }
-        Some((FilterAttr::ExternalId, v)) => s.group.external_id.as_deref() == Some(v.as_str()),
-        Some((FilterAttr::Id, v)) => s.group.id.as_deref() == Some(v.as_str()),
+        Some((FilterAttr::ExternalId, v)) => s.resource.external_id.as_deref() == Some(v.as_str()),
+        Some((FilterAttr::Id, v)) => s.resource.id.as_deref() == Some(v.as_str()),
         Some((FilterAttr::UserName | FilterAttr::Value, _)) => false,
     };
-    let total = store.groups.groups.values().filter(matches).count();
+    let total = store.groups.values().filter(matches).count();
     let page: Vec<Value> = store
-        .groups
         .groups
         .values()
         .filter(matches)
@@ -286,7 +166,7 @@ fn member_in(m: MemberIn, store: &Store) -> Result<GroupMember, Failure> {
             ));
         }
     }
-    if store.get(&m.value).is_none() && !store.groups.contains(&m.value) {
+    if !store.users.contains(&m.value) && !store.groups.contains(&m.value) {
         return Err(Failure::bad(
             "invalidValue",
             format!("member `{}` is neither a User nor a Group here", m.value),
@@ -345,13 +225,13 @@ pub(super) async fn create(
     let id = store
         .groups
         .insert(group)?
-        .group
+        .resource
         .id
         .clone()
         .unwrap_or_default();
     let stored = store.groups.get(&id).ok_or_else(|| group_not_found(&id))?;
     let body = render(stored, &store, &base);
-    Ok(group_response(StatusCode::CREATED, body, stored.version))
+    Ok(resource_response(StatusCode::CREATED, body, stored.version))
 }
 
 pub(super) async fn get_one(
@@ -363,7 +243,7 @@ pub(super) async fn get_one(
     let store = shared.store();
     let stored = store.groups.get(&id).ok_or_else(|| group_not_found(&id))?;
     let body = render(stored, &store, &base);
-    Ok(group_response(StatusCode::OK, body, stored.version))
+    Ok(resource_response(StatusCode::OK, body, stored.version))
 }
 
 pub(super) async fn delete(
@@ -397,7 +277,7 @@ pub(super) async fn patch(
     let mut store = shared.store();
     let current = store.groups.get(&id).ok_or_else(|| group_not_found(&id))?;
     // All operations apply or none does.
-    let patched = apply_patch(current.group.clone(), &request.operations, &store)?;
+    let patched = apply_patch(current.resource.clone(), &request.operations, &store)?;
     store.groups.replace(&id, patched)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
