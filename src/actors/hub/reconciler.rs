@@ -274,3 +274,65 @@ pub fn desired_group(group: &GrantedGroup) -> DesiredGroup {
         members: group.member_user_ids.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::hub::HubConfig;
+    use crate::scim::guard::DeletionGuard;
+
+    fn sample_app() -> AppConfig {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hub.toml");
+        HubConfig::load(&path).unwrap().apps.remove(0)
+    }
+
+    #[test]
+    fn run_messages_name_the_setting_to_change() {
+        let app = sample_app();
+        let refusal = DeletionGuard::Count(5).check(9, 1, 40).unwrap_err();
+        let m = sync_diagnosis(&SyncError::Guard(refusal), &app);
+        assert!(
+            m.starts_with("deletion guard stopped the run: it would deprovision 9 users and delete 1 group (10 of the 40"),
+            "{m}"
+        );
+        assert!(
+            m.contains("raise apps.crm.deletion_guard in hub.toml"),
+            "{m}"
+        );
+        let not_found = ScimError::Status {
+            method: "GET".into(),
+            path: "/scim/v2/Groups".into(),
+            status: 404,
+            scim_type: None,
+            detail: None,
+        };
+        let m = sync_diagnosis(&SyncError::GroupsUnsupported(not_found), &app);
+        assert!(
+            m.starts_with("endpoint not found (404) at /scim/v2/Groups"),
+            "{m}"
+        );
+        assert!(
+            m.ends_with(
+                "if the app has no Groups, set apps.crm.provision_groups = false in hub.toml"
+            ),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn granted_groups_become_desired_groups_of_external_ids() {
+        let g = GrantedGroup {
+            id: "g-eng".into(),
+            display_name: "Engineering".into(),
+            member_user_ids: vec!["u1".into(), "u2".into()],
+        };
+        assert_eq!(
+            desired_group(&g),
+            DesiredGroup {
+                external_id: "g-eng".into(),
+                display_name: "Engineering".into(),
+                members: vec!["u1".into(), "u2".into()],
+            }
+        );
+    }
+}
