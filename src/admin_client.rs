@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Secret;
 use crate::messages::hub::{AppStatus, RunSummary, ServiceStatus, SyncOutcome};
+use crate::scim::sync::GroupCounts;
 
 /// Why the admin API could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +141,9 @@ pub async fn request_json(
     Ok(body)
 }
 
-/// A run as an administrator reads it: counts on one line, then the cause when it failed.
+/// A run as an administrator reads it: counts on one line (users, then groups when the app
+/// has any), then the cause when it failed. Group counts put the number first, so that
+/// searching the output for a user count ("created 3") never finds a group count.
 pub fn describe_run(run: &RunSummary) -> String {
     let mut text = format!(
         "{app}: {verdict} in {ms} ms (run {id}) — desired {desired}, created {created}, updated {updated}, deprovisioned {deprov} (deactivated {deact}, deleted {del}), unchanged {unchanged}, unmanaged {unmanaged}, failed {failed}",
@@ -158,6 +161,20 @@ pub fn describe_run(run: &RunSummary) -> String {
         unmanaged = run.unmanaged,
         failed = run.failed,
     );
+    let g = &run.groups;
+    if run.groups_desired > 0 || *g != GroupCounts::default() {
+        text.push_str(&format!(
+            "; groups: desired {desired} — {created} created, {updated} updated, {deleted} deleted, {unchanged} unchanged, {unmanaged} unmanaged; members {added} added, {removed} removed",
+            desired = run.groups_desired,
+            created = g.created,
+            updated = g.updated,
+            deleted = g.deleted,
+            unchanged = g.unchanged,
+            unmanaged = g.unmanaged,
+            added = g.members_added,
+            removed = g.members_removed,
+        ));
+    }
     if run.retries > 0 {
         let _ = write!(
             text,
@@ -375,5 +392,40 @@ mod tests {
         assert_eq!(ago(0, 7_380_000), "2h 3m");
         assert_eq!(ago(0, 90_000_000), "1d 1h");
         assert_eq!(ago(5_000, 1_000), "0s", "a clock step back is not negative");
+    }
+
+    #[test]
+    fn describe_run_keeps_user_wording_and_adds_groups() {
+        let mut run = RunSummary {
+            app: "crm".into(),
+            ok: true,
+            desired: 11,
+            created: 11,
+            unmanaged: 1,
+            ..Default::default()
+        };
+        let users_only = describe_run(&run);
+        assert!(
+            users_only.contains("created 11, updated 0, deprovisioned 0"),
+            "{users_only}"
+        );
+        assert!(!users_only.contains("groups"), "{users_only}");
+        run.groups_desired = 2;
+        run.groups = GroupCounts {
+            created: 1,
+            updated: 1,
+            members_added: 11,
+            members_removed: 2,
+            ..Default::default()
+        };
+        run.ok = false;
+        run.message = Some("deletion guard stopped the run".into());
+        let text = describe_run(&run);
+        assert!(
+            text.starts_with("crm: sync FAILED in 0 ms (run 0) — desired 11, created 11, updated 0, deprovisioned 0 (deactivated 0, deleted 0), unchanged 0, unmanaged 1, failed 0; groups: desired 2 — 1 created, 1 updated, 0 deleted, 0 unchanged, 0 unmanaged; members 11 added, 2 removed\n  cause: deletion guard"),
+            "{text}"
+        );
+        // A group count never reads like a user count.
+        assert!(!text.contains("created 1,"), "{text}");
     }
 }

@@ -111,20 +111,30 @@ async fn a_forced_sync_joins_the_running_run_and_the_history_survives_a_restart(
     let runs = deployment.admin("GET", "/api/apps/crm/runs", None).await;
     assert_eq!(runs.json().unwrap()["runs"].as_array().unwrap().len(), 1);
 
-    // The run's operations, page by page: one create per granted user, in plan order.
+    // The run's operations, page by page, in plan order: one create per granted user, then
+    // the granted groups (created once their members exist).
     let (ops, pages) = all_operations(&deployment, "crm", run_id, 4).await;
-    assert_eq!(pages, 3);
-    assert_eq!(ops.len(), 11);
+    assert_eq!(pages, ops.len() / 4 + 1, "pages of 4, the last one short");
     let seqs: Vec<u64> = ops.iter().map(|o| o["seq"].as_u64().unwrap()).collect();
-    assert_eq!(seqs, (1..=11).collect::<Vec<u64>>());
-    let external: Vec<&str> = ops
+    assert_eq!(seqs, (1..=ops.len() as u64).collect::<Vec<u64>>());
+    let (users, groups): (Vec<&Value>, Vec<&Value>) =
+        ops.iter().partition(|o| o["resource"] == "user");
+    assert_eq!(users.len(), 11);
+    assert_eq!(
+        &ops[..11],
+        users
+            .iter()
+            .map(|o| (*o).clone())
+            .collect::<Vec<_>>()
+            .as_slice()
+    );
+    let external: Vec<&str> = users
         .iter()
         .map(|o| o["external_id"].as_str().unwrap())
         .collect();
     let want: Vec<String> = (1..=11).map(|i| format!("u{i:02}")).collect();
     assert_eq!(external, want);
-    for op in &ops {
-        assert_eq!(op["resource"], "User", "{op}");
+    for op in &users {
         assert_eq!(op["action"], "create", "{op}");
         assert_eq!(op["outcome"], "done", "{op}");
         assert!(op["scim_id"].is_string(), "{op}");
@@ -132,6 +142,16 @@ async fn a_forced_sync_joins_the_running_run_and_the_history_survives_a_restart(
             op["name"].as_str().unwrap().ends_with("@example.com"),
             "{op}"
         );
+    }
+    assert!(
+        groups
+            .iter()
+            .any(|o| o["name"] == "staff" && o["action"] == "create"),
+        "{groups:?}"
+    );
+    for op in &groups {
+        assert_eq!(op["resource"], "group", "{op}");
+        assert_eq!(op["outcome"], "done", "{op}");
     }
     let failed = deployment
         .admin(

@@ -34,6 +34,18 @@ fn demo_provisions_then_applies_one_of_each_change() {
         "{out}"
     );
     assert!(out.contains("the SCIM server now holds 500 users"), "{out}");
+    // The three granted groups follow: created with all 500 members, then one leaver and one
+    // newcomer change two of them.
+    assert!(
+        runs[0].contains("groups: desired 3 — 3 created, 0 updated, 0 deleted")
+            && runs[0].contains("members 500 added, 0 removed"),
+        "{out}"
+    );
+    assert!(
+        runs[1].contains("0 created, 2 updated, 0 deleted, 1 unchanged")
+            && runs[1].contains("members 1 added, 1 removed"),
+        "{out}"
+    );
 }
 
 const BASE: &str = "# agent\nservice_id = 0123456789abcdef0123\nhub = wss://hub.example.com/v1/connect ; the hub\n\n[target.crm]\naddr = 10.0.0.1:443 # the CRM\nalways_tls = false\nno_tls = false\ninsecure_allow_skip_tls_check = false\n";

@@ -5,13 +5,14 @@
 use std::time::{Duration, SystemTime};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use scim_connect::actors::hub::reconciler::sync_diagnosis;
 use scim_connect::actors::hub::registry::Registry;
 use scim_connect::actors::hub::services::ServiceBook;
 use scim_connect::config::hub::ServiceConfig;
 use scim_connect::config::Secret;
 use scim_connect::messages::hub::{AgentEntry, AgentSessionMsg, RegistryMsg, TunnelRequest};
 use scim_connect::messages::{ForwardError, Scheme, TargetInfo};
-use scim_connect::scim::{ScimError, TransportError};
+use scim_connect::scim::{DeletionGuard, ScimError, SyncError, TransportError};
 
 const README: &str = include_str!("../README.md");
 
@@ -225,7 +226,15 @@ fn scim_messages() -> Vec<String> {
         }),
         fwd(ForwardError::ShuttingDown),
     ];
-    errors.iter().map(ScimError::diagnosis).collect()
+    let mut messages: Vec<String> = errors.iter().map(ScimError::diagnosis).collect();
+    // The runs that change nothing at all: the deletion guard, and an app without Groups.
+    let refusal = DeletionGuard::Count(5).check(9, 1, 40).unwrap_err();
+    messages.push(sync_diagnosis(&SyncError::Guard(refusal), "crm"));
+    messages.push(sync_diagnosis(
+        &SyncError::GroupsUnsupported(status("GET", "/v2/Groups", 404, None)),
+        "crm",
+    ));
+    messages
 }
 
 #[tokio::test]

@@ -37,6 +37,9 @@
 //! page_size = 100
 //! request_timeout = "30s"
 //! concurrency = 8                # SCIM requests in flight at once for this app
+//! deletion_guard = "50%"         # or a count: deletion_guard = 25
+//! member_batch_size = 100        # group members per PATCH
+//! provision_groups = true        # false: users only (apps without /Groups)
 //! ```
 
 use std::collections::BTreeMap;
@@ -54,6 +57,7 @@ use super::agent::{validate_target_name, MIN_SERVICE_ID_LEN};
 use super::netaddr::{parse_authority, split_scheme};
 use super::secret::SecretSource;
 use super::{line_of, one_line, resolve_path, ConfigError, Secret};
+use crate::scim::guard::DeletionGuard;
 
 /// Admin API address when `[admin] listen` is not given.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8089";
@@ -67,6 +71,8 @@ pub const DEFAULT_CONCURRENCY: usize = 8;
 pub const MAX_CONCURRENCY: usize = 64;
 /// Per-request timeout when an app gives none.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Group members per PATCH request when an app gives none.
+pub const DEFAULT_MEMBER_BATCH_SIZE: u32 = 100;
 
 /// The validated hub configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +144,12 @@ pub struct AppConfig {
     pub request_timeout: Duration,
     /// SCIM requests in flight at once, 1..=[`MAX_CONCURRENCY`].
     pub concurrency: usize,
+    /// The most one run may deprovision before it is stopped unapplied.
+    pub deletion_guard: DeletionGuard,
+    /// Group member values per PATCH request (and in a group's POST), 1..=1000.
+    pub member_batch_size: u32,
+    /// Whether granted groups are provisioned too (false for apps without `/Groups`).
+    pub provision_groups: bool,
 }
 
 /// A parsed SCIM base URL.
@@ -368,6 +380,54 @@ impl<'de> Deserialize<'de> for RawDuration {
     }
 }
 
+/// A deletion guard as read from TOML: a count (`25`) or a percentage (`"10%"`).
+struct RawGuard(Result<DeletionGuard, String>);
+
+impl<'de> Deserialize<'de> for RawGuard {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RawGuard;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a count like 25 or a percentage like \"10%\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawGuard, E> {
+                // Kept as a value so validation reports it with the field path.
+                Ok(RawGuard(parse_deletion_guard(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawGuard, E> {
+                Ok(RawGuard(
+                    usize::try_from(v)
+                        .map(DeletionGuard::Count)
+                        .map_err(|_| format!("{v} is negative")),
+                ))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses `"25"` (a count) or `"10%"` (a percentage, 1 to 100).
+pub fn parse_deletion_guard(s: &str) -> Result<DeletionGuard, String> {
+    let t = s.trim();
+    if let Some(number) = t.strip_suffix('%') {
+        let p: u32 = number
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not a percentage like \"10%\""))?;
+        return match p {
+            1..=100 => Ok(DeletionGuard::Percent(p)),
+            0 => {
+                Err("0% is not a percentage guard (write 0 to refuse every deprovisioning)".into())
+            }
+            _ => Err(format!("{p}% is more than 100%")),
+        };
+    }
+    t.parse()
+        .map(DeletionGuard::Count)
+        .map_err(|_| format!("`{s}` is neither a count like 25 nor a percentage like \"10%\""))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHub {
@@ -420,6 +480,9 @@ struct RawApp {
     page_size: Option<Spanned<i64>>,
     request_timeout: Option<Spanned<RawDuration>>,
     concurrency: Option<Spanned<i64>>,
+    deletion_guard: Option<Spanned<RawGuard>>,
+    member_batch_size: Option<Spanned<i64>>,
+    provision_groups: Option<bool>,
 }
 
 /// Builds errors for one file, turning byte spans into lines.
@@ -853,6 +916,35 @@ fn build_app(
         },
     };
 
+    let member_batch_size = match &a.member_batch_size {
+        None => DEFAULT_MEMBER_BATCH_SIZE,
+        Some(p) => match u32::try_from(*p.get_ref()) {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => {
+                return Err(ctx.invalid(
+                    p,
+                    &k("member_batch_size"),
+                    Some(&p.get_ref().to_string()),
+                    "outside 1..=1000",
+                    "pick how many group members one PATCH carries, between 1 and 1000 (100 is typical)",
+                ))
+            }
+        },
+    };
+
+    let deletion_guard = match &a.deletion_guard {
+        None => DeletionGuard::DEFAULT,
+        Some(g) => g.get_ref().0.clone().map_err(|reason| {
+            ctx.invalid(
+                g,
+                &k("deletion_guard"),
+                None,
+                reason,
+                "write a count like deletion_guard = 25 or a percentage like deletion_guard = \"10%\"",
+            )
+        })?,
+    };
+
     let list =
         |v: &Option<Spanned<Vec<String>>>, field: &str| -> Result<Vec<String>, ConfigError> {
             let Some(v) = v else { return Ok(Vec::new()) };
@@ -885,6 +977,9 @@ fn build_app(
         page_size,
         request_timeout,
         concurrency,
+        deletion_guard,
+        member_batch_size,
+        provision_groups: a.provision_groups.unwrap_or(true),
     })
 }
 
@@ -1044,6 +1139,9 @@ mod tests {
         assert_eq!(a.page_size, 100);
         assert_eq!(a.request_timeout, Duration::from_secs(30));
         assert_eq!(a.concurrency, DEFAULT_CONCURRENCY);
+        assert_eq!(a.deletion_guard, DeletionGuard::DEFAULT);
+        assert_eq!(a.member_batch_size, DEFAULT_MEMBER_BATCH_SIZE);
+        assert!(a.provision_groups);
         assert!(!a.skip_tls_check);
         assert_eq!(a.grant, AccessRule::default());
         assert!(c.app("nope").is_none() && c.service("nope").is_none());
@@ -1058,7 +1156,8 @@ mod tests {
         let text = format!(
             "{}[apps.hr]\nbase_url = \"http://[fd00::5]/\"\nservice = \"acme\"\ntarget = \"hr\"\nauth = \"basic\"\nusername = \"svc\"\npassword = \"pw-xyz\"\n\
              skip_tls_check = true\ndeprovision = \"delete\"\ninterval = \"1h30m\"\ngrant_groups = [\"Engineering\", \"g-2\"]\ngrant_users = [\"alice\"]\n\
-             page_size = 500\nrequest_timeout = 45\nconcurrency = 2\n\n[apps.open]\nbase_url = \"https://scim.example.com\"\nservice = \"acme\"\ntarget = \"t\"\nauth = \"none\"\n",
+             page_size = 500\nrequest_timeout = 45\nconcurrency = 2\ndeletion_guard = 25\nmember_batch_size = 7\nprovision_groups = false\n\n\
+             [apps.open]\nbase_url = \"https://scim.example.com\"\nservice = \"acme\"\ntarget = \"t\"\nauth = \"none\"\n",
             head()
         );
         let c = HubConfig::parse(&text, &p()).unwrap();
@@ -1084,6 +1183,9 @@ mod tests {
         assert_eq!(a.page_size, 500);
         assert_eq!(a.request_timeout, Duration::from_secs(45));
         assert_eq!(a.concurrency, 2);
+        assert_eq!(a.deletion_guard, DeletionGuard::Count(25));
+        assert_eq!(a.member_batch_size, 7);
+        assert!(!a.provision_groups);
         assert_eq!(
             a.auth.authorization().unwrap().expose(),
             "Basic c3ZjOnB3LXh5eg=="
@@ -1257,6 +1359,12 @@ mod tests {
             ("concurrency = 0\n", ":19: `apps.crm.concurrency` = \"0\": outside 1..=64"),
             ("concurrency = 65\n", "outside 1..=64; pick how many SCIM requests"),
             ("grant_users = [\"\"]\n", ":19: `apps.crm.grant_users`: an entry is empty"),
+            ("member_batch_size = 0\n", ":19: `apps.crm.member_batch_size` = \"0\": outside 1..=1000"),
+            ("deletion_guard = \"ten\"\n", ":19: `apps.crm.deletion_guard`: `ten` is neither a count like 25 nor a percentage like \"10%\"; write a count like deletion_guard = 25 or a percentage like deletion_guard = \"10%\""),
+            ("deletion_guard = \"150%\"\n", ":19: `apps.crm.deletion_guard`: 150% is more than 100%"),
+            ("deletion_guard = \"0%\"\n", "write 0 to refuse every deprovisioning"),
+            ("deletion_guard = -3\n", ":19: `apps.crm.deletion_guard`: -3 is negative"),
+            ("deletion_guard = true\n", ":19: "),
             ("username = \"u\"\n", ":19: `apps.crm.username`: is set but auth = \"bearer\" does not use it; remove it, or change auth"),
         ];
         for (line, want) in extra {
@@ -1310,6 +1418,25 @@ mod tests {
             m.contains(":14: `services.acme.name` = \"acme\": another service has the same name"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn deletion_guards() {
+        for (text, want) in [
+            ("10%", DeletionGuard::Percent(10)),
+            (" 100% ", DeletionGuard::Percent(100)),
+            ("25", DeletionGuard::Count(25)),
+            ("0", DeletionGuard::Count(0)),
+        ] {
+            assert_eq!(parse_deletion_guard(text).unwrap(), want, "{text}");
+        }
+        for bad in ["", "%", "x%", "-1", "1.5%", "101%"] {
+            assert!(parse_deletion_guard(bad).is_err(), "{bad}");
+        }
+        let c = HubConfig::parse(&app("deletion_guard = \"10%\"\n"), &p()).unwrap();
+        assert_eq!(c.apps[0].deletion_guard, DeletionGuard::Percent(10));
+        let c = HubConfig::parse(&app("deletion_guard = 0\n"), &p()).unwrap();
+        assert_eq!(c.apps[0].deletion_guard, DeletionGuard::Count(0));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `connect demo`: the whole product on loopback in one process — an in-process SCIM server,
-//! a hub and an agent with generated certificates — provisioning a sample directory through the
-//! encrypted tunnel, then changing the directory and syncing again.
+//! a hub and an agent with generated certificates — provisioning a sample directory (users and
+//! the granted groups with their members) through the encrypted tunnel, then changing the
+//! directory and syncing again.
 //!
 //! It writes real config files (config.ini, hub.toml, directory.json) into a temporary folder
 //! and loads them through the same code as `connect run` / `connect hub`, so what it shows is
@@ -171,10 +172,12 @@ async fn run_in(dir: &Path, users: usize) -> Result<(), String> {
         let first = sync(&hub_config).await?;
         println!("run 1  {}", admin_client::describe_run(&first));
         println!(
-            "       the SCIM server now holds {} users\n",
+            "       the SCIM server now holds {} users",
             scim.user_count()
         );
+        println!("{}\n", groups_line(&scim));
         expect(&first, users, 0, 0)?;
+        expect_groups(&first, GRANTED_GROUPS.len(), 0)?;
 
         let changes = change_directory(&mut directory);
         directory.save(&directory_path).map_err(|e| e.to_string())?;
@@ -182,10 +185,14 @@ async fn run_in(dir: &Path, users: usize) -> Result<(), String> {
         let second = sync(&hub_config).await?;
         println!("run 2  {}", admin_client::describe_run(&second));
         println!(
-            "       the SCIM server now holds {} users\n",
+            "       the SCIM server now holds {} users",
             scim.user_count()
         );
+        println!("{}\n", groups_line(&scim));
         expect(&second, 1, 1, 1)?;
+        // The leaver leaves each granted group it was in (one: users are spread over the
+        // groups), the newcomer joins sales: two groups change.
+        expect_groups(&second, 0, 2)?;
         Ok(())
     }
     .await;
@@ -224,6 +231,28 @@ fn expect(
             run.updated,
             run.deprovisioned(),
             run.message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default()
+        ))
+    }
+}
+
+/// The groups as the SCIM server holds them, with their member counts.
+fn groups_line(scim: &DemoScimServer) -> String {
+    let groups: Vec<String> = scim
+        .groups()
+        .iter()
+        .map(|g| format!("{} ({})", g.display_name, g.members.len()))
+        .collect();
+    format!("       and {} groups: {}", groups.len(), groups.join(", "))
+}
+
+fn expect_groups(run: &RunSummary, created: usize, updated: usize) -> Result<(), String> {
+    let g = &run.groups;
+    if g.created == created && g.updated == updated && g.deleted == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "expected {created} groups created, {updated} updated, 0 deleted; got {} / {} / {}",
+            g.created, g.updated, g.deleted
         ))
     }
 }

@@ -1,9 +1,11 @@
-//! An in-memory SCIM 2.0 server (Users only) on axum, for `connect demo` and for tests.
+//! An in-memory SCIM 2.0 server (Users and Groups) on axum, for `connect demo` and for tests.
 //!
 //! It is a strict peer on purpose: bodies must carry their schema URN, unknown attributes are
-//! rejected (400), filter values must be quoted, userName is unique case-insensitively (409),
-//! a wrong bearer token gets 401 with `WWW-Authenticate`. That way a client bug shows here
-//! instead of only against a real server. It must never listen anywhere but the listener it
+//! rejected (400), filter values must be quoted, userName and group displayName are unique
+//! case-insensitively (409), group members must exist when they are added, removing a member
+//! that is not there is `noTarget`, a wrong bearer token gets 401 with `WWW-Authenticate`. That
+//! way a client bug shows here instead of only against a real server. Like scim2-server, it
+//! answers a group PATCH with 204 and does not take a deleted user out of its groups. It must never listen anywhere but the listener it
 //! is given, and never persist anything: state lives and dies with the process.
 
 use std::collections::{BTreeMap, HashMap};
@@ -27,9 +29,11 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::scim::resources::{
-    ListResponse, Name, PatchOp, PatchOpKind, PatchRequest, ScimEmail, ScimErrorBody, ScimUser,
-    PATCH_OP_SCHEMA, SERVICE_PROVIDER_CONFIG_SCHEMA, USER_SCHEMA,
+    ListResponse, Name, PatchOp, PatchOpKind, PatchRequest, ScimEmail, ScimErrorBody, ScimGroup,
+    ScimUser, PATCH_OP_SCHEMA, SERVICE_PROVIDER_CONFIG_SCHEMA, USER_SCHEMA,
 };
+
+mod groups;
 
 /// Where the SCIM root is served.
 pub const BASE_PATH: &str = "/scim/v2";
@@ -78,6 +82,7 @@ impl DemoScimServer {
             addr,
         });
         let users = format!("{BASE_PATH}/Users");
+        let groups = format!("{BASE_PATH}/Groups");
         let router = Router::new()
             .route(
                 &format!("{BASE_PATH}/ServiceProviderConfig"),
@@ -90,6 +95,13 @@ impl DemoScimServer {
                     .put(replace_user)
                     .patch(patch_user)
                     .delete(delete_user),
+            )
+            .route(&groups, get(groups::list).post(groups::create))
+            .route(
+                &format!("{groups}/{{id}}"),
+                get(groups::get_one)
+                    .patch(groups::patch)
+                    .delete(groups::delete),
             )
             .fallback(not_found)
             .layer(middleware::from_fn_with_state(
@@ -141,7 +153,22 @@ impl DemoScimServer {
             .store()
             .users
             .values()
-            .map(|s| s.user.clone())
+            .map(|s| s.resource.clone())
+            .collect()
+    }
+
+    /// How many groups are stored.
+    pub fn group_count(&self) -> usize {
+        self.shared.store().groups.len()
+    }
+
+    /// The stored groups, in creation order.
+    pub fn groups(&self) -> Vec<ScimGroup> {
+        self.shared
+            .store()
+            .groups
+            .values()
+            .map(|s| s.resource.clone())
             .collect()
     }
 
@@ -170,74 +197,128 @@ impl Drop for DemoScimServer {
     }
 }
 
-/// One stored user and its bookkeeping.
-struct Stored {
-    user: ScimUser,
+/// What the server's tables need of a resource.
+trait Record {
+    /// The resource type, as errors and `meta.resourceType` name it.
+    const KIND: &'static str;
+    /// The attribute that is unique ignoring case.
+    const UNIQUE: &'static str;
+    fn unique_value(&self) -> &str;
+    fn set_id(&mut self, id: String);
+}
+
+impl Record for ScimUser {
+    const KIND: &'static str = "User";
+    const UNIQUE: &'static str = "userName";
+    fn unique_value(&self) -> &str {
+        &self.user_name
+    }
+    fn set_id(&mut self, id: String) {
+        self.id = Some(id);
+    }
+}
+
+impl Record for ScimGroup {
+    const KIND: &'static str = "Group";
+    const UNIQUE: &'static str = "displayName";
+    fn unique_value(&self) -> &str {
+        &self.display_name
+    }
+    fn set_id(&mut self, id: String) {
+        self.id = Some(id);
+    }
+}
+
+/// One stored resource and its bookkeeping.
+struct Stored<T> {
+    resource: T,
     created: String,
     modified: String,
     version: u64,
 }
 
-/// Users in creation order, with the indexes the endpoints need.
-#[derive(Default)]
-struct Store {
+/// Resources of one type in creation order, with the indexes the endpoints need.
+struct Table<T> {
     next_seq: u64,
-    users: BTreeMap<u64, Stored>,
+    rows: BTreeMap<u64, Stored<T>>,
     seq_by_id: HashMap<String, u64>,
-    /// Lower-cased userName → id: userName is unique case-insensitively.
+    /// Lower-cased unique attribute → id.
     id_by_name: HashMap<String, String>,
 }
 
-impl Store {
-    fn get(&self, id: &str) -> Option<&Stored> {
-        self.seq_by_id.get(id).and_then(|seq| self.users.get(seq))
+impl<T> Default for Table<T> {
+    fn default() -> Self {
+        Table {
+            next_seq: 0,
+            rows: BTreeMap::new(),
+            seq_by_id: HashMap::new(),
+            id_by_name: HashMap::new(),
+        }
+    }
+}
+
+impl<T: Record> Table<T> {
+    fn len(&self) -> usize {
+        self.rows.len()
     }
 
-    fn name_taken(&self, user_name: &str, except_id: Option<&str>) -> bool {
+    fn values(&self) -> impl Iterator<Item = &Stored<T>> {
+        self.rows.values()
+    }
+
+    fn get(&self, id: &str) -> Option<&Stored<T>> {
+        self.seq_by_id.get(id).and_then(|seq| self.rows.get(seq))
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.seq_by_id.contains_key(id)
+    }
+
+    fn name_taken(&self, name: &str, except_id: Option<&str>) -> bool {
         self.id_by_name
-            .get(&user_name.to_lowercase())
+            .get(&name.to_lowercase())
             .is_some_and(|owner| Some(owner.as_str()) != except_id)
     }
 
-    fn insert(&mut self, mut user: ScimUser) -> Result<&Stored, Failure> {
-        if self.name_taken(&user.user_name, None) {
-            return Err(Failure::uniqueness(&user.user_name));
+    fn insert(&mut self, mut resource: T) -> Result<&Stored<T>, Failure> {
+        if self.name_taken(resource.unique_value(), None) {
+            return Err(Failure::uniqueness(T::UNIQUE, resource.unique_value()));
         }
         let id = new_id();
-        user.id = Some(id.clone());
+        resource.set_id(id.clone());
         let now = rfc3339_now();
         self.next_seq += 1;
         let seq = self.next_seq;
         self.id_by_name
-            .insert(user.user_name.to_lowercase(), id.clone());
+            .insert(resource.unique_value().to_lowercase(), id.clone());
         self.seq_by_id.insert(id, seq);
         let stored = Stored {
-            user,
+            resource,
             created: now.clone(),
             modified: now,
             version: 1,
         };
-        Ok(self.users.entry(seq).or_insert(stored))
+        Ok(self.rows.entry(seq).or_insert(stored))
     }
 
-    fn replace(&mut self, id: &str, mut user: ScimUser) -> Result<&Stored, Failure> {
+    fn replace(&mut self, id: &str, mut resource: T) -> Result<&Stored<T>, Failure> {
         let seq = *self
             .seq_by_id
             .get(id)
-            .ok_or_else(|| Failure::user_not_found(id))?;
-        if self.name_taken(&user.user_name, Some(id)) {
-            return Err(Failure::uniqueness(&user.user_name));
+            .ok_or_else(|| Failure::not_found(T::KIND, id))?;
+        if self.name_taken(resource.unique_value(), Some(id)) {
+            return Err(Failure::uniqueness(T::UNIQUE, resource.unique_value()));
         }
         let stored = self
-            .users
+            .rows
             .get_mut(&seq)
-            .ok_or_else(|| Failure::user_not_found(id))?;
+            .ok_or_else(|| Failure::not_found(T::KIND, id))?;
         self.id_by_name
-            .remove(&stored.user.user_name.to_lowercase());
+            .remove(&stored.resource.unique_value().to_lowercase());
         self.id_by_name
-            .insert(user.user_name.to_lowercase(), id.to_string());
-        user.id = Some(id.to_string());
-        stored.user = user;
+            .insert(resource.unique_value().to_lowercase(), id.to_string());
+        resource.set_id(id.to_string());
+        stored.resource = resource;
         stored.modified = rfc3339_now();
         stored.version += 1;
         Ok(stored)
@@ -247,12 +328,19 @@ impl Store {
         let Some(seq) = self.seq_by_id.remove(id) else {
             return false;
         };
-        if let Some(stored) = self.users.remove(&seq) {
+        if let Some(stored) = self.rows.remove(&seq) {
             self.id_by_name
-                .remove(&stored.user.user_name.to_lowercase());
+                .remove(&stored.resource.unique_value().to_lowercase());
         }
         true
     }
+}
+
+/// Everything the server holds.
+#[derive(Default)]
+struct Store {
+    users: Table<ScimUser>,
+    groups: Table<ScimGroup>,
 }
 
 /// An error answer: status, SCIM `scimType`, and a detail for the client's administrator.
@@ -275,19 +363,19 @@ impl Failure {
         Failure::new(StatusCode::BAD_REQUEST, Some(scim_type), detail)
     }
 
-    fn uniqueness(user_name: &str) -> Self {
+    fn uniqueness(attr: &str, value: &str) -> Self {
         Failure::new(
             StatusCode::CONFLICT,
             Some("uniqueness"),
-            format!("userName `{user_name}` is already in use"),
+            format!("{attr} `{value}` is already in use"),
         )
     }
 
-    fn user_not_found(id: &str) -> Self {
+    fn not_found(kind: &str, id: &str) -> Self {
         Failure::new(
             StatusCode::NOT_FOUND,
             None,
-            format!("User `{id}` not found"),
+            format!("{kind} `{id}` not found"),
         )
     }
 }
@@ -313,11 +401,14 @@ fn scim_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Response 
     response
 }
 
+fn user_response(status: StatusCode, stored: &Stored<ScimUser>, base_url: &str) -> Response {
+    resource_response(status, render(stored, base_url), stored.version)
+}
+
 /// A single-resource answer with `ETag` (and `Location` on creation).
-fn user_response(status: StatusCode, stored: &Stored, base_url: &str) -> Response {
-    let body = render(stored, base_url);
+fn resource_response(status: StatusCode, body: Value, version: u64) -> Response {
     let mut response = scim_response(status, &body);
-    if let Ok(etag) = HeaderValue::from_str(&format!("W/\"{}\"", stored.version)) {
+    if let Ok(etag) = HeaderValue::from_str(&format!("W/\"{version}\"")) {
         response.headers_mut().insert(header::ETAG, etag);
     }
     if status == StatusCode::CREATED {
@@ -328,9 +419,9 @@ fn user_response(status: StatusCode, stored: &Stored, base_url: &str) -> Respons
     response
 }
 
-fn render(stored: &Stored, base_url: &str) -> Value {
-    let mut value = serde_json::to_value(&stored.user).unwrap_or_default();
-    let id = stored.user.id.as_deref().unwrap_or_default();
+fn render(stored: &Stored<ScimUser>, base_url: &str) -> Value {
+    let mut value = serde_json::to_value(&stored.resource).unwrap_or_default();
+    let id = stored.resource.id.as_deref().unwrap_or_default();
     value["meta"] = json!({
         "resourceType": "User",
         "created": stored.created,
@@ -419,8 +510,8 @@ async fn not_found(request: Request) -> Response {
         StatusCode::NOT_FOUND,
         None,
         format!(
-            "no SCIM endpoint at {}: this server serves {BASE_PATH}/Users and \
-             {BASE_PATH}/ServiceProviderConfig",
+            "no SCIM endpoint at {}: this server serves {BASE_PATH}/Users, \
+             {BASE_PATH}/Groups and {BASE_PATH}/ServiceProviderConfig",
             request.uri().path()
         ),
     )
@@ -428,14 +519,18 @@ async fn not_found(request: Request) -> Response {
 }
 
 /// Which attribute a supported filter tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FilterAttr {
     UserName,
     ExternalId,
     Id,
+    DisplayName,
+    /// A multi-valued attribute's `value` (inside `members[...]`).
+    Value,
 }
 
-/// Parse `attr eq "value"` for userName, externalId and id; anything else is refused with the
-/// reason.
+/// Parse `attr eq "value"` for userName, externalId, id, displayName and value; anything else
+/// is refused with the reason. Each endpoint then refuses the attributes it has no use for.
 fn parse_filter(filter: &str) -> Result<(FilterAttr, String), Failure> {
     let invalid = |why: &str| Failure::bad("invalidFilter", format!("filter `{filter}`: {why}"));
     let trimmed = filter.trim();
@@ -459,9 +554,11 @@ fn parse_filter(filter: &str) -> Result<(FilterAttr, String), Failure> {
         "username" => FilterAttr::UserName,
         "externalid" => FilterAttr::ExternalId,
         "id" => FilterAttr::Id,
+        "displayname" => FilterAttr::DisplayName,
+        "value" => FilterAttr::Value,
         _ => {
             return Err(invalid(
-                "only userName, externalId and id can be filtered on",
+                "only userName, externalId, id and displayName can be filtered on",
             ))
         }
     };
@@ -485,6 +582,24 @@ fn query_params(raw: Option<&str>) -> HashMap<String, String> {
         .collect()
 }
 
+/// `startIndex` (1-based, default 1) and `count` (default and cap [`MAX_COUNT`]) of a list.
+fn page_window(params: &HashMap<String, String>) -> Result<(usize, usize), Failure> {
+    let start = integer_param(params, "startIndex")?.unwrap_or(1).max(1) as usize;
+    let count = integer_param(params, "count")?
+        .unwrap_or(MAX_COUNT as i64)
+        .clamp(0, MAX_COUNT as i64) as usize;
+    Ok((start, count))
+}
+
+/// The parsed `filter` parameter, if any.
+fn filter_param(params: &HashMap<String, String>) -> Result<Option<(FilterAttr, String)>, Failure> {
+    params
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("filter"))
+        .map(|(_, f)| parse_filter(f))
+        .transpose()
+}
+
 fn integer_param(params: &HashMap<String, String>, name: &str) -> Result<Option<i64>, Failure> {
     params
         .iter()
@@ -506,23 +621,28 @@ async fn list_users(
     headers: HeaderMap,
 ) -> Result<Response, Failure> {
     let params = query_params(raw.as_deref());
-    let start = integer_param(&params, "startIndex")?.unwrap_or(1).max(1) as usize;
-    let count = integer_param(&params, "count")?
-        .unwrap_or(MAX_COUNT as i64)
-        .clamp(0, MAX_COUNT as i64) as usize;
-    let filter = params
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("filter"))
-        .map(|(_, f)| parse_filter(f))
-        .transpose()?;
+    let (start, count) = page_window(&params)?;
+    let filter = filter_param(&params)?;
+    if let Some((FilterAttr::Value, _)) = &filter {
+        return Err(Failure::bad(
+            "invalidFilter",
+            "Users can be filtered on userName, externalId, id and displayName",
+        ));
+    }
     let base = base_url(&shared, &headers);
 
     let store = shared.store();
-    let matches = |s: &&Stored| match &filter {
+    let matches = |s: &&Stored<ScimUser>| match &filter {
         None => true,
-        Some((FilterAttr::UserName, v)) => s.user.user_name.to_lowercase() == v.to_lowercase(),
-        Some((FilterAttr::ExternalId, v)) => s.user.external_id.as_deref() == Some(v.as_str()),
-        Some((FilterAttr::Id, v)) => s.user.id.as_deref() == Some(v.as_str()),
+        Some((FilterAttr::UserName, v)) => s.resource.user_name.to_lowercase() == v.to_lowercase(),
+        Some((FilterAttr::ExternalId, v)) => s.resource.external_id.as_deref() == Some(v.as_str()),
+        Some((FilterAttr::Id, v)) => s.resource.id.as_deref() == Some(v.as_str()),
+        Some((FilterAttr::DisplayName, v)) => s
+            .resource
+            .display_name
+            .as_deref()
+            .is_some_and(|d| d.to_lowercase() == v.to_lowercase()),
+        Some((FilterAttr::Value, _)) => false,
     };
     let total = store.users.values().filter(matches).count();
     let page: Vec<Value> = store
@@ -650,7 +770,7 @@ async fn create_user(
     let user = UserIn::from_json(json_body(&body)?)?;
     let base = base_url(&shared, &headers);
     let mut store = shared.store();
-    let stored = store.insert(user)?;
+    let stored = store.users.insert(user)?;
     Ok(user_response(StatusCode::CREATED, stored, &base))
 }
 
@@ -661,7 +781,10 @@ async fn get_user(
 ) -> Result<Response, Failure> {
     let base = base_url(&shared, &headers);
     let store = shared.store();
-    let stored = store.get(&id).ok_or_else(|| Failure::user_not_found(&id))?;
+    let stored = store
+        .users
+        .get(&id)
+        .ok_or_else(|| Failure::not_found("User", &id))?;
     Ok(user_response(StatusCode::OK, stored, &base))
 }
 
@@ -674,7 +797,7 @@ async fn replace_user(
     let user = UserIn::from_json(json_body(&body)?)?;
     let base = base_url(&shared, &headers);
     let mut store = shared.store();
-    let stored = store.replace(&id, user)?;
+    let stored = store.users.replace(&id, user)?;
     Ok(user_response(StatusCode::OK, stored, &base))
 }
 
@@ -698,10 +821,13 @@ async fn patch_user(
     }
     let base = base_url(&shared, &headers);
     let mut store = shared.store();
-    let current = store.get(&id).ok_or_else(|| Failure::user_not_found(&id))?;
+    let current = store
+        .users
+        .get(&id)
+        .ok_or_else(|| Failure::not_found("User", &id))?;
     // All operations apply or none does.
-    let patched = apply_patch(&current.user, &request.operations)?;
-    let stored = store.replace(&id, patched)?;
+    let patched = apply_patch(&current.resource, &request.operations)?;
+    let stored = store.users.replace(&id, patched)?;
     Ok(user_response(StatusCode::OK, stored, &base))
 }
 
@@ -709,10 +835,10 @@ async fn delete_user(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
 ) -> Result<Response, Failure> {
-    if shared.store().remove(&id) {
+    if shared.store().users.remove(&id) {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
-        Err(Failure::user_not_found(&id))
+        Err(Failure::not_found("User", &id))
     }
 }
 
@@ -1289,10 +1415,109 @@ mod tests {
         assert_eq!(status, 200);
         assert_eq!(body["id"], id.as_str());
         assert_eq!(body["displayName"], "Dan");
-        let (status, headers, body) = p.send(Method::GET, "/Groups", None, None).await;
+        let (status, headers, body) = p.send(Method::GET, "/Bulk", None, None).await;
         assert_eq!(status, 404);
         assert_eq!(header(&headers, "content-type"), Some(SCIM_JSON));
         assert_eq!(body["status"], "404");
+        p.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn groups_validate_members_and_speak_the_rfc_patch_forms() {
+        let p = Peer::start(None).await;
+        let (_, _, alice) = p
+            .send(Method::POST, "/Users", None, Some(user("alice")))
+            .await;
+        let (_, _, bob) = p
+            .send(Method::POST, "/Users", None, Some(user("bob")))
+            .await;
+        let (a, b) = (alice["id"].as_str().unwrap(), bob["id"].as_str().unwrap());
+        let group = |name: &str, members: Value| {
+            json!({"schemas": [crate::scim::resources::GROUP_SCHEMA], "displayName": name,
+                   "members": members})
+        };
+        let (status, _, body) = p
+            .send(
+                Method::POST,
+                "/Groups",
+                None,
+                Some(group("Eng", json!([{"value": "nobody"}]))),
+            )
+            .await;
+        assert_eq!(
+            (status, body["scimType"].as_str()),
+            (400, Some("invalidValue"))
+        );
+        let (status, headers, body) = p
+            .send(
+                Method::POST,
+                "/Groups",
+                None,
+                Some(group("Eng", json!([{"value": a, "type": "User"}]))),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        assert!(header(&headers, "location").is_some());
+        assert_eq!(body["members"][0]["display"], "alice");
+        let gid = body["id"].as_str().unwrap().to_string();
+        let (status, _, _) = p
+            .send(Method::POST, "/Groups", None, Some(group("ENG", json!([]))))
+            .await;
+        assert_eq!(status, 409);
+
+        let patch = |ops: Value| json!({"schemas": [PATCH_OP_SCHEMA], "Operations": ops});
+        let path = format!("/Groups/{gid}");
+        let (status, _, body) = p
+            .send(
+                Method::PATCH,
+                &path,
+                None,
+                Some(patch(json!([
+                    {"op": "add", "path": "members", "value": [{"value": b}, {"value": a}]},
+                    {"op": "replace", "path": "displayName", "value": "Engineering"},
+                ]))),
+            )
+            .await;
+        assert_eq!((status, body), (204, Value::Null));
+        let (_, _, body) = p.send(Method::GET, &path, None, None).await;
+        assert_eq!(body["displayName"], "Engineering");
+        assert_eq!(body["members"].as_array().unwrap().len(), 2, "{body}");
+        let remove_a = format!("members[value eq \"{a}\"]");
+        let (status, _, _) = p
+            .send(
+                Method::PATCH,
+                &path,
+                None,
+                Some(patch(json!([{"op": "remove", "path": remove_a}]))),
+            )
+            .await;
+        assert_eq!(status, 204);
+        let (status, _, body) = p
+            .send(
+                Method::PATCH,
+                &path,
+                None,
+                Some(patch(json!([{"op": "remove", "path": remove_a}]))),
+            )
+            .await;
+        assert_eq!((status, body["scimType"].as_str()), (400, Some("noTarget")));
+        let (_, _, body) = p
+            .send(
+                Method::GET,
+                "/Groups?filter=displayName%20eq%20%22ENGINEERING%22",
+                None,
+                None,
+            )
+            .await;
+        assert_eq!(body["totalResults"], 1);
+        assert_eq!(body["Resources"][0]["members"][0]["value"], b);
+        // Like scim2-server: deleting a user leaves its membership behind.
+        p.send(Method::DELETE, &format!("/Users/{b}"), None, None)
+            .await;
+        assert_eq!(p.server.groups()[0].members[0].value, b);
+        let (status, _, _) = p.send(Method::DELETE, &path, None, None).await;
+        assert_eq!(status, 204);
+        assert_eq!(p.server.group_count(), 0);
         p.server.shutdown().await;
     }
 

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{HttpResponse, LinkEvent, Scheme, TargetInfo};
 use crate::net::Ws;
+use crate::scim::sync::GroupCounts;
 use crate::scim::transport::TransportError;
 
 /// One request to send through some agent of a service; the agent session assigns the id.
@@ -167,6 +168,12 @@ pub struct RunSummary {
     pub retries: usize,
     /// The one actionable line when the run failed or had failures.
     pub message: Option<String>,
+    /// Groups granted by the access rule (0 when the app does not provision groups).
+    #[serde(default)]
+    pub groups_desired: usize,
+    /// What the run did to groups; absent in runs recorded before groups were provisioned.
+    #[serde(default)]
+    pub groups: GroupCounts,
 }
 
 impl RunSummary {
@@ -188,55 +195,4 @@ pub struct AppStatus {
     /// Set when the app's reconciler did not answer (it is being restarted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-}
-
-/// The kind of resource an operation touched.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ResourceKind {
-    User,
-    Group,
-}
-
-/// What a run set out to do to one resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OperationAction {
-    /// POST of a new resource.
-    Create,
-    /// A resource that already existed (matched, a 409 on create, or found after a lost answer)
-    /// taken over and brought to its desired state.
-    Adopt,
-    /// PATCH of what changed.
-    Update,
-    /// `active = false`.
-    Deactivate,
-    /// DELETE.
-    Delete,
-}
-
-/// How one operation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OperationOutcome {
-    Done,
-    Failed,
-    /// Not attempted: an earlier failure would have failed it too, so the run stopped.
-    Skipped,
-}
-
-/// One per-resource operation of a run, as stored in the hub's history. Plain data: the sync
-/// code produces these, the store keeps them, the admin API pages through them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OperationRecord {
-    pub resource: ResourceKind,
-    pub action: OperationAction,
-    pub outcome: OperationOutcome,
-    /// The hub's identifier (the directory id, sent as `externalId`), when known.
-    pub external_id: Option<String>,
-    /// The SCIM server's `id`, when known.
-    pub scim_id: Option<String>,
-    /// `userName` of a user, `displayName` of a group, when known.
-    pub name: Option<String>,
-    /// Why it failed (the actionable line), or a note on how it succeeded.
-    pub message: Option<String>,
 }

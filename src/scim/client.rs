@@ -1,4 +1,4 @@
-//! A SCIM 2.0 client for Users over an abstract [`Transport`].
+//! A SCIM 2.0 client for Users and Groups over an abstract [`Transport`].
 //!
 //! It owns how requests are shaped (paths, headers, filters, pagination), how answers are
 //! checked, and the request layer every caller gets for free: at most `max_in_flight` requests
@@ -20,7 +20,9 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::scim::error::ScimError;
-use crate::scim::resources::{ListResponse, PatchOp, PatchRequest, ScimErrorBody, ScimUser};
+use crate::scim::resources::{
+    ListResponse, PatchOp, PatchRequest, Resource, ScimErrorBody, ScimGroup, ScimUser,
+};
 use crate::scim::retry::{Attempts, Idempotency, RetryPolicy, Verdict};
 use crate::scim::transport::{ScimRequest, ScimResponse, Transport, TransportError};
 
@@ -125,32 +127,44 @@ impl ScimClient {
     }
 
     /// Every User the server holds, page by page until `totalResults` is reached.
+    pub async fn list_users(&self) -> Result<Vec<ScimUser>, ScimError> {
+        self.list_all().await
+    }
+
+    /// Every Group the server holds (with its members), page by page like [`list_users`].
+    ///
+    /// [`list_users`]: Self::list_users
+    pub async fn list_groups(&self) -> Result<Vec<ScimGroup>, ScimError> {
+        self.list_all().await
+    }
+
+    /// Every resource of type `T`, page by page until `totalResults` is reached.
     ///
     /// Pages are advanced by the number of resources actually received, so servers that
     /// return fewer than `count` are followed correctly. The walk stops on an empty page, or
     /// once `totalResults` (re-read on every page, since it may shrink while we walk) is
-    /// covered. A server that keeps sending users already listed is reported rather than
+    /// covered. A server that keeps sending resources already listed is reported rather than
     /// followed forever.
-    pub async fn list_users(&self) -> Result<Vec<ScimUser>, ScimError> {
-        let path = format!("{}/Users", self.base_path);
-        let mut users: Vec<ScimUser> = Vec::new();
+    async fn list_all<T: Resource + DeserializeOwned>(&self) -> Result<Vec<T>, ScimError> {
+        let path = format!("{}/{}", self.base_path, T::ENDPOINT);
+        let mut found: Vec<T> = Vec::new();
         let mut seen: HashSet<String> = HashSet::new();
         let mut start: u64 = 1;
         loop {
             let query = format!("{path}?startIndex={start}&count={}", self.page_size);
             let response = self.call(Method::GET, &query, None).await?;
-            let page: ListResponse<ScimUser> = parse(&response, &path)?;
+            let page: ListResponse<T> = parse(&response, &path)?;
             let received = page.resources.len() as u64;
             if received == 0 {
                 break;
             }
             let mut fresh = 0usize;
-            for user in page.resources {
-                match &user.id {
-                    Some(id) if !seen.insert(id.clone()) => {}
+            for resource in page.resources {
+                match resource.scim_id() {
+                    Some(id) if !seen.insert(id.to_string()) => {}
                     _ => {
                         fresh += 1;
-                        users.push(user);
+                        found.push(resource);
                     }
                 }
             }
@@ -158,8 +172,9 @@ impl ScimClient {
                 return Err(ScimError::BadResponse {
                     path,
                     detail: format!(
-                        "the page at startIndex={start} only repeats users already listed \
-                         (the server seems to ignore startIndex)"
+                        "the page at startIndex={start} only repeats {} already listed \
+                         (the server seems to ignore startIndex)",
+                        T::ENDPOINT.to_lowercase()
                     ),
                 });
             }
@@ -168,23 +183,32 @@ impl ScimClient {
                 break;
             }
         }
-        Ok(users)
+        Ok(found)
     }
 
     /// POST a new User; returns it as the server stored it (with its `id`).
     pub async fn create_user(&self, user: &ScimUser) -> Result<ScimUser, ScimError> {
-        let path = format!("{}/Users", self.base_path);
         // `id` is the server's to assign; strict servers reject a client-chosen one.
         let body = ScimUser {
             id: None,
             ..user.clone()
         };
-        let response = self.call(Method::POST, &path, Some(to_json(&body))).await?;
-        let created: ScimUser = parse(&response, &path)?;
-        if created.id.as_deref().is_none_or(str::is_empty) {
+        self.create(&body, "user").await
+    }
+
+    /// POST `body` to its endpoint; the answer must be the stored resource with an `id`.
+    async fn create<T: Resource + serde::Serialize + DeserializeOwned>(
+        &self,
+        body: &T,
+        noun: &str,
+    ) -> Result<T, ScimError> {
+        let path = format!("{}/{}", self.base_path, T::ENDPOINT);
+        let response = self.call(Method::POST, &path, Some(to_json(body))).await?;
+        let created: T = parse(&response, &path)?;
+        if created.scim_id().is_none_or(str::is_empty) {
             return Err(ScimError::BadResponse {
                 path,
-                detail: "the created user carries no `id`".into(),
+                detail: format!("the created {noun} carries no `id`"),
             });
         }
         Ok(created)
@@ -267,6 +291,68 @@ impl ScimClient {
         self.find_user_by_user_name(user_name).await
     }
 
+    /// POST a new Group; returns it as the server stored it (with its `id`).
+    pub async fn create_group(&self, group: &ScimGroup) -> Result<ScimGroup, ScimError> {
+        let body = ScimGroup {
+            id: None,
+            ..group.clone()
+        };
+        self.create(&body, "group").await
+    }
+
+    /// PATCH a Group. A 200 with the resource and a 204 without a body are both success.
+    pub async fn patch_group(&self, id: &str, ops: &[PatchOp]) -> Result<(), ScimError> {
+        let path = self.resource_path("Groups", id);
+        let body = PatchRequest::new(ops.to_vec());
+        self.call_with(
+            Method::PATCH,
+            &path,
+            Some(to_json(&body)),
+            Idempotency::of_patch(ops),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// DELETE a Group.
+    pub async fn delete_group(&self, id: &str) -> Result<(), ScimError> {
+        let path = self.resource_path("Groups", id);
+        self.call(Method::DELETE, &path, None).await.map(drop)
+    }
+
+    /// The Group whose `externalId` is `external_id` (exactly), else the first whose
+    /// `displayName` is `display_name` (case-insensitively), if any: how a group whose
+    /// creation answer was lost, or that the server says exists, is found again.
+    pub async fn find_group(
+        &self,
+        external_id: &str,
+        display_name: &str,
+    ) -> Result<Option<ScimGroup>, ScimError> {
+        let by_ext = self.filter_groups("externalId", external_id).await?;
+        // Checked again here: a server that ignores `filter` returns every group.
+        if let Some(g) = by_ext
+            .into_iter()
+            .find(|g| g.external_id.as_deref() == Some(external_id))
+        {
+            return Ok(Some(g));
+        }
+        let wanted = display_name.to_lowercase();
+        Ok(self
+            .filter_groups("displayName", display_name)
+            .await?
+            .into_iter()
+            .find(|g| g.display_name.to_lowercase() == wanted))
+    }
+
+    async fn filter_groups(&self, attr: &str, value: &str) -> Result<Vec<ScimGroup>, ScimError> {
+        let path = format!("{}/Groups", self.base_path);
+        let filter = format!("{attr} eq {}", filter_string(value));
+        let query = format!("{path}?filter={}", utf8_percent_encode(&filter, COMPONENT));
+        let response = self.call(Method::GET, &query, None).await?;
+        let page: ListResponse<ScimGroup> = parse(&response, &path)?;
+        Ok(page.resources)
+    }
+
     /// GET `<base>/ServiceProviderConfig`: a cheap probe that tells a wrong base path (404) or
     /// wrong credentials apart before a run starts listing.
     pub async fn check_base(&self) -> Result<(), ScimError> {
@@ -284,8 +370,12 @@ impl ScimClient {
     }
 
     fn user_path(&self, id: &str) -> String {
+        self.resource_path("Users", id)
+    }
+
+    fn resource_path(&self, endpoint: &str, id: &str) -> String {
         format!(
-            "{}/Users/{}",
+            "{}/{endpoint}/{}",
             self.base_path,
             utf8_percent_encode(id, COMPONENT)
         )
@@ -472,6 +562,7 @@ pub(crate) mod tests {
     /// An in-memory SCIM server behind the [`Transport`] trait, with quirks.
     pub(crate) struct FakeTransport {
         pub users: Mutex<Vec<ScimUser>>,
+        pub groups: Mutex<Vec<ScimGroup>>,
         pub quirks: Quirks,
         pub log: Mutex<Vec<ScimRequest>>,
     }
@@ -487,6 +578,7 @@ pub(crate) mod tests {
                 .collect();
             Arc::new(FakeTransport {
                 users: Mutex::new(users),
+                groups: Mutex::new(Vec::new()),
                 quirks,
                 log: Mutex::new(Vec::new()),
             })
@@ -510,6 +602,45 @@ pub(crate) mod tests {
                 headers: vec![("content-type".into(), SCIM_CONTENT_TYPE.into())],
                 body: serde_json::to_vec(&v).unwrap(),
             };
+            if req.method == Method::GET && req.path_and_query.starts_with("/scim/v2/Groups?") {
+                let groups = self.groups.lock().unwrap();
+                if let Some(filter) = Self::query_param(&req.path_and_query, "filter") {
+                    let found: Vec<&ScimGroup> = groups
+                        .iter()
+                        .filter(|g| {
+                            self.quirks.ignore_filter
+                                || filter
+                                    == format!(
+                                        "externalId eq {}",
+                                        filter_string(g.external_id.as_deref().unwrap_or(""))
+                                    )
+                                || filter.to_lowercase()
+                                    == format!(
+                                        "displayname eq {}",
+                                        filter_string(&g.display_name).to_lowercase()
+                                    )
+                        })
+                        .collect();
+                    return json_response(
+                        200,
+                        json!({"totalResults": found.len(), "Resources": found}),
+                    );
+                }
+                let start: usize = Self::query_param(&req.path_and_query, "startIndex")
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                let count: usize = Self::query_param(&req.path_and_query, "count")
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                let count = self.quirks.max_page.map_or(count, |m| count.min(m));
+                let page: Vec<&ScimGroup> = groups.iter().skip(start - 1).take(count).collect();
+                return json_response(
+                    200,
+                    json!({"totalResults": groups.len(), "Resources": page}),
+                );
+            }
             let mut users = self.users.lock().unwrap();
             if req.method == Method::GET && req.path_and_query.starts_with("/scim/v2/Users?") {
                 if let Some(filter) = Self::query_param(&req.path_and_query, "filter") {
@@ -670,6 +801,102 @@ pub(crate) mod tests {
             "{err:?}"
         );
         assert_eq!(t.log.lock().unwrap().len(), 2);
+    }
+
+    fn fake_groups(t: &FakeTransport, n: usize) {
+        let mut groups = t.groups.lock().unwrap();
+        for i in 0..n {
+            groups.push(ScimGroup {
+                id: Some(format!("g{i}")),
+                external_id: Some(format!("ext-g{i}")),
+                display_name: format!("Group {i}"),
+                members: vec![crate::scim::resources::GroupMember::user(&format!("id{i}"))],
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn lists_every_group_page_like_users() {
+        let t = FakeTransport::new(
+            0,
+            Quirks {
+                max_page: Some(4),
+                ..Default::default()
+            },
+        );
+        fake_groups(&t, 10);
+        let groups = client(&t, 100).list_groups().await.unwrap();
+        assert_eq!(groups.len(), 10);
+        assert_eq!(groups[9].members[0].value, "id9");
+        let log = t.log.lock().unwrap();
+        assert_eq!(log.len(), 3, "pages of 4, 4 and 2");
+        assert_eq!(
+            log[1].path_and_query,
+            "/scim/v2/Groups?startIndex=5&count=100"
+        );
+    }
+
+    #[tokio::test]
+    async fn find_group_by_external_id_then_display_name() {
+        let t = FakeTransport::new(0, Quirks::default());
+        fake_groups(&t, 3);
+        let c = client(&t, 10);
+        let g = c.find_group("ext-g1", "whatever").await.unwrap().unwrap();
+        assert_eq!(g.id.as_deref(), Some("g1"));
+        let g = c.find_group("unknown", "GROUP 2").await.unwrap().unwrap();
+        assert_eq!(g.id.as_deref(), Some("g2"));
+        assert!(c.find_group("unknown", "nope").await.unwrap().is_none());
+        let log: Vec<String> = t
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.path_and_query.clone())
+            .collect();
+        assert_eq!(
+            log[0],
+            "/scim/v2/Groups?filter=externalId%20eq%20%22ext-g1%22"
+        );
+        assert_eq!(
+            log[2],
+            "/scim/v2/Groups?filter=displayName%20eq%20%22GROUP%202%22"
+        );
+        // A server that ignores the filter is checked again on our side.
+        let t = FakeTransport::new(
+            0,
+            Quirks {
+                ignore_filter: true,
+                ..Default::default()
+            },
+        );
+        fake_groups(&t, 3);
+        let g = client(&t, 10)
+            .find_group("ext-g2", "x")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(g.id.as_deref(), Some("g2"));
+    }
+
+    #[tokio::test]
+    async fn group_patch_accepts_204_and_200() {
+        for quirk in [false, true] {
+            let t = FakeTransport::new(
+                0,
+                Quirks {
+                    patch_no_content: quirk,
+                    ..Default::default()
+                },
+            );
+            client(&t, 10)
+                .patch_group("g/1", &[PatchOp::remove("members[value eq \"a\"]")])
+                .await
+                .unwrap();
+            assert_eq!(
+                t.log.lock().unwrap()[0].path_and_query,
+                "/scim/v2/Groups/g%2F1"
+            );
+        }
     }
 
     #[tokio::test]

@@ -5,11 +5,11 @@
 //! change to a user this hub does not manage unless that user is desired (matching adopts it).
 //! Unmanaged users that are not desired are only counted.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde_json::json;
 
-use crate::scim::resources::{Name, PatchOp, ScimEmail, ScimUser};
+use crate::scim::resources::{Name, PatchOp, Resource, ScimEmail, ScimUser};
 
 /// A user as the directory and the access rule say it should exist in the application.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +68,8 @@ pub enum DeprovisionMode {
 pub struct UserUpdate {
     pub id: String,
     pub external_id: String,
+    /// The desired userName, for the run's record.
+    pub user_name: String,
     pub ops: Vec<PatchOp>,
 }
 
@@ -76,6 +78,8 @@ pub struct UserUpdate {
 pub struct Deprovision {
     pub id: String,
     pub user_name: String,
+    /// The user's externalId on the server, if it has one.
+    pub external_id: Option<String>,
 }
 
 /// The complete, deterministic plan for one run.
@@ -98,6 +102,9 @@ pub struct UserPlan {
     /// External ids of desired users skipped because an earlier desired user (in external
     /// id order) has the same external id or the same userName (case-insensitively).
     pub skipped_duplicates: Vec<String>,
+    /// External id → SCIM id of every desired user found on the server (updated, adopted or
+    /// unchanged): what group memberships refer to before anything is created.
+    pub matched: BTreeMap<String, String>,
 }
 
 /// Compute the plan that brings `current` to `desired`.
@@ -120,67 +127,18 @@ pub fn plan_users(
         unchanged: 0,
         unmanaged: 0,
         skipped_duplicates: Vec::new(),
+        matched: BTreeMap::new(),
     };
 
-    // Desired users in external id order, duplicates set aside: the input order (and thus
-    // the plan) must not depend on how the directory happened to be read.
-    let mut wanted: Vec<&DesiredUser> = desired.iter().collect();
-    wanted.sort_by(|a, b| a.external_id.cmp(&b.external_id));
-    let mut seen_ext = HashSet::new();
-    let mut seen_name = HashSet::new();
-    wanted.retain(|d| {
-        let name = d.user_name.to_lowercase();
-        if seen_ext.contains(d.external_id.as_str()) || seen_name.contains(&name) {
-            plan.skipped_duplicates.push(d.external_id.clone());
-            return false;
-        }
-        seen_ext.insert(d.external_id.as_str());
-        seen_name.insert(name);
-        true
-    });
-
-    // Current users in id order, so a server listing them in another order changes nothing;
-    // users without an id cannot be addressed and are left alone.
-    let mut present: Vec<&ScimUser> = current.iter().filter(|u| u.id.is_some()).collect();
-    present.sort_by(|a, b| a.id.cmp(&b.id));
-    let mut by_ext: HashMap<&str, usize> = HashMap::new();
-    let mut by_name: HashMap<String, usize> = HashMap::new();
-    for (i, u) in present.iter().enumerate() {
-        if let Some(ext) = u.external_id.as_deref() {
-            by_ext.entry(ext).or_insert(i);
-        }
-        by_name.entry(u.user_name.to_lowercase()).or_insert(i);
-    }
-
-    let mut claimed = vec![false; present.len()];
-    let mut matched: Vec<Option<usize>> = vec![None; wanted.len()];
-    for (w, d) in wanted.iter().enumerate() {
-        if let Some(&i) = by_ext.get(d.external_id.as_str()) {
-            if !claimed[i] {
-                claimed[i] = true;
-                matched[w] = Some(i);
-            }
-        }
-    }
-    for (w, d) in wanted.iter().enumerate() {
-        if matched[w].is_some() {
-            continue;
-        }
-        if let Some(&i) = by_name.get(&d.user_name.to_lowercase()) {
-            if !claimed[i] {
-                claimed[i] = true;
-                matched[w] = Some(i);
-            }
-        }
-    }
-
-    for (w, d) in wanted.iter().enumerate() {
-        let Some(i) = matched[w] else {
-            plan.create.push((*d).clone());
+    let matching = match_resources(desired, current);
+    plan.skipped_duplicates = matching.skipped;
+    for (d, found) in matching.wanted {
+        let Some(user) = found else {
+            plan.create.push(d.clone());
             continue;
         };
-        let user = present[i];
         let id = user.id.clone().unwrap_or_default();
+        plan.matched.insert(d.external_id.clone(), id.clone());
         if !managed.contains(&id) {
             plan.adopt.push((d.external_id.clone(), id.clone()));
         }
@@ -191,15 +149,13 @@ pub fn plan_users(
             plan.update.push(UserUpdate {
                 id,
                 external_id: d.external_id.clone(),
+                user_name: d.user_name.clone(),
                 ops,
             });
         }
     }
 
-    for (i, user) in present.iter().enumerate() {
-        if claimed[i] {
-            continue;
-        }
+    for user in matching.unclaimed {
         let id = user.id.clone().unwrap_or_default();
         if !managed.contains(&id) {
             plan.unmanaged += 1;
@@ -209,13 +165,127 @@ pub fn plan_users(
             plan.deprovision.push(Deprovision {
                 id,
                 user_name: user.user_name.clone(),
+                external_id: user.external_id.clone(),
             });
         }
     }
-    plan.unmanaged += current.len() - present.len();
+    plan.unmanaged += matching.without_id;
     plan.deprovision
         .sort_by(|a, b| (&a.user_name, &a.id).cmp(&(&b.user_name, &b.id)));
     plan
+}
+
+/// What matching needs to know of a resource, desired or current: its externalId and the
+/// name that also identifies it (userName, displayName), compared case-insensitively.
+pub(crate) trait Matchable {
+    fn match_external_id(&self) -> Option<&str>;
+    fn match_name(&self) -> &str;
+}
+
+impl Matchable for DesiredUser {
+    fn match_external_id(&self) -> Option<&str> {
+        Some(&self.external_id)
+    }
+    fn match_name(&self) -> &str {
+        &self.user_name
+    }
+}
+
+impl Matchable for ScimUser {
+    fn match_external_id(&self) -> Option<&str> {
+        self.external_id.as_deref()
+    }
+    fn match_name(&self) -> &str {
+        &self.user_name
+    }
+}
+
+/// Desired resources paired with the ones on the server.
+pub(crate) struct Matching<'a, D, C> {
+    /// The desired resources kept, in (externalId, name) order, each with its match.
+    pub wanted: Vec<(&'a D, Option<&'a C>)>,
+    /// Current resources with an id that no desired one claimed, in id order.
+    pub unclaimed: Vec<&'a C>,
+    /// External ids of desired resources set aside because an earlier one has the same
+    /// external id or name (case-insensitively).
+    pub skipped: Vec<String>,
+    /// Current resources without an id: they cannot be addressed and are left alone.
+    pub without_id: usize,
+}
+
+/// Pairs `desired` with `current`: by externalId (exact) first for all desired resources,
+/// then by name (case-insensitive) among the current ones left. Deterministic whatever the
+/// order of either input: desired ones are taken in (externalId, name) order, current ones
+/// in id order.
+pub(crate) fn match_resources<'a, D: Matchable, C: Matchable + Resource>(
+    desired: &'a [D],
+    current: &'a [C],
+) -> Matching<'a, D, C> {
+    let ext = |d: &D| d.match_external_id().unwrap_or_default().to_string();
+    let mut wanted: Vec<&D> = desired.iter().collect();
+    wanted.sort_by(|a, b| (ext(a), a.match_name()).cmp(&(ext(b), b.match_name())));
+    let mut skipped = Vec::new();
+    let mut seen_ext = HashSet::new();
+    let mut seen_name = HashSet::new();
+    wanted.retain(|d| {
+        let name = d.match_name().to_lowercase();
+        if seen_ext.contains(&ext(d)) || seen_name.contains(&name) {
+            skipped.push(ext(d));
+            return false;
+        }
+        seen_ext.insert(ext(d));
+        seen_name.insert(name);
+        true
+    });
+
+    let mut present: Vec<&C> = current.iter().filter(|c| c.scim_id().is_some()).collect();
+    present.sort_by(|a, b| a.scim_id().cmp(&b.scim_id()));
+    let mut by_ext: HashMap<&str, usize> = HashMap::new();
+    let mut by_name: HashMap<String, usize> = HashMap::new();
+    for (i, c) in present.iter().enumerate() {
+        if let Some(e) = c.match_external_id() {
+            by_ext.entry(e).or_insert(i);
+        }
+        by_name.entry(c.match_name().to_lowercase()).or_insert(i);
+    }
+
+    let mut claimed = vec![false; present.len()];
+    let mut matched: Vec<Option<usize>> = vec![None; wanted.len()];
+    for (w, d) in wanted.iter().enumerate() {
+        if let Some(&i) = by_ext.get(ext(d).as_str()) {
+            if !claimed[i] {
+                claimed[i] = true;
+                matched[w] = Some(i);
+            }
+        }
+    }
+    for (w, d) in wanted.iter().enumerate() {
+        if matched[w].is_some() {
+            continue;
+        }
+        if let Some(&i) = by_name.get(&d.match_name().to_lowercase()) {
+            if !claimed[i] {
+                claimed[i] = true;
+                matched[w] = Some(i);
+            }
+        }
+    }
+
+    Matching {
+        wanted: wanted
+            .into_iter()
+            .zip(&matched)
+            .map(|(d, m)| (d, m.map(|i| present[i])))
+            .collect(),
+        unclaimed: present
+            .iter()
+            .zip(&claimed)
+            .filter(|(_, c)| !**c)
+            .map(|(p, _)| *p)
+            .collect(),
+        skipped,
+        without_id: current.len() - present.len(),
+    }
 }
 
 /// The PATCH operations that turn `current` into `desired`: `replace` for a changed or new
@@ -371,6 +441,7 @@ mod tests {
             vec![UserUpdate {
                 id: "1".into(),
                 external_id: "e1".into(),
+                user_name: "alice".into(),
                 ops: vec![
                     PatchOp::replace("displayName", json!("alice display")),
                     PatchOp::remove("name.formatted"),
@@ -433,11 +504,13 @@ mod tests {
             vec![
                 Deprovision {
                     id: "8".into(),
-                    user_name: "yan".into()
+                    user_name: "yan".into(),
+                    external_id: Some("e8".into()),
                 },
                 Deprovision {
                     id: "9".into(),
-                    user_name: "zed".into()
+                    user_name: "zed".into(),
+                    external_id: Some("e9".into()),
                 },
             ]
         );
@@ -448,7 +521,8 @@ mod tests {
             plan.deprovision,
             vec![Deprovision {
                 id: "9".into(),
-                user_name: "zed".into()
+                user_name: "zed".into(),
+                external_id: Some("e9".into()),
             }]
         );
         assert_eq!(plan.unchanged, 1);
@@ -563,6 +637,8 @@ mod tests {
         assert_eq!(a.update.len(), 7);
         assert_eq!(a.adopt.len(), 5);
         assert_eq!(a.deprovision.len(), 2);
+        assert_eq!(a.matched.len(), 7);
+        assert_eq!(a.matched["e03"], "id3");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! SCIM 2.0 wire shapes (RFC 7643 core User, RFC 7644 ListResponse, PatchOp and Error).
+//! SCIM 2.0 wire shapes (RFC 7643 core User and Group, RFC 7644 ListResponse, PatchOp and
+//! Error).
 //!
 //! Reading is lenient, because real servers differ: unknown attributes are ignored, `active`
 //! may arrive as a string, an error's `status` as a number, `Resources` may be missing from an
@@ -11,6 +12,8 @@ use serde::{Deserialize, Serialize, Serializer};
 
 /// Schema URN of the core User resource.
 pub const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
+/// Schema URN of the core Group resource.
+pub const GROUP_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:Group";
 /// Schema URN of a list (query) response.
 pub const LIST_RESPONSE_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:ListResponse";
 /// Schema URN of a PATCH request body.
@@ -108,6 +111,109 @@ impl Serialize for ScimUser {
             name: self.name.as_ref().filter(|n| !n.is_empty()),
             emails: &self.emails,
             active: self.active,
+        }
+        .serialize(serializer)
+    }
+}
+
+/// A resource type the client can list: where it lives and how its server id is read.
+pub trait Resource {
+    /// The endpoint under the base path (`Users`, `Groups`).
+    const ENDPOINT: &'static str;
+    /// The server-assigned id, if the server sent one.
+    fn scim_id(&self) -> Option<&str>;
+}
+
+impl Resource for ScimUser {
+    const ENDPOINT: &'static str = "Users";
+    fn scim_id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+}
+
+/// A core SCIM Group, limited to what this hub provisions: its name, externalId and members.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScimGroup {
+    /// Server-assigned identifier; `None` before creation.
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub external_id: Option<String>,
+    /// Required by RFC 7643, but read leniently: a group without one is still listed.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub display_name: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub members: Vec<GroupMember>,
+}
+
+impl Resource for ScimGroup {
+    const ENDPOINT: &'static str = "Groups";
+    fn scim_id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+}
+
+/// One value of a Group's `members`: the member's SCIM id and, optionally, its type.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+pub struct GroupMember {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub value: String,
+    /// `User` or `Group`; servers differ in case and in whether they send it at all.
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+}
+
+impl GroupMember {
+    /// A member reference to the user with SCIM id `id`.
+    pub fn user(id: &str) -> Self {
+        GroupMember {
+            value: id.to_string(),
+            kind: Some("User".to_string()),
+        }
+    }
+}
+
+/// Only `value` and `type` are written: `display` and `$ref` are the server's to fill in, and
+/// strict servers reject what they do not expect.
+#[derive(Serialize)]
+struct MemberOut<'a> {
+    value: &'a str,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    kind: Option<&'a str>,
+}
+
+impl Serialize for GroupMember {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        MemberOut {
+            value: &self.value,
+            kind: self.kind.as_deref(),
+        }
+        .serialize(serializer)
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GroupOut<'a> {
+    schemas: [&'static str; 1],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    external_id: Option<&'a str>,
+    display_name: &'a str,
+    #[serde(skip_serializing_if = "<[GroupMember]>::is_empty")]
+    members: &'a [GroupMember],
+}
+
+impl Serialize for ScimGroup {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        GroupOut {
+            schemas: [GROUP_SCHEMA],
+            id: self.id.as_deref(),
+            external_id: self.external_id.as_deref(),
+            display_name: &self.display_name,
+            members: &self.members,
         }
         .serialize(serializer)
     }
@@ -434,6 +540,39 @@ mod tests {
         assert_eq!(a.status.as_deref(), Some("409"));
         assert_eq!(b.status.as_deref(), Some("409"));
         assert_eq!(a.scim_type.as_deref(), Some("uniqueness"));
+    }
+
+    #[test]
+    fn group_serializes_schema_members_and_reads_leniently() {
+        let g = ScimGroup {
+            external_id: Some("g1".into()),
+            display_name: "Eng".into(),
+            members: vec![GroupMember::user("u-1")],
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&g).unwrap(),
+            json!({"schemas": [GROUP_SCHEMA], "externalId": "g1", "displayName": "Eng",
+                "members": [{"value": "u-1", "type": "User"}]})
+        );
+        let empty = ScimGroup {
+            display_name: "Empty".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&empty).unwrap(),
+            json!({"schemas": [GROUP_SCHEMA], "displayName": "Empty"})
+        );
+        let read: ScimGroup = serde_json::from_value(json!({
+            "id": "7", "displayName": "Ops", "members": [
+                {"value": "a", "display": "Alice", "$ref": "https://x/Users/a"},
+                {"value": "g", "type": "Group"}],
+            "meta": {"resourceType": "Group"}}))
+        .unwrap();
+        assert_eq!(read.members[0].value, "a");
+        assert_eq!(read.members[1].kind.as_deref(), Some("Group"));
+        let bare: ScimGroup = serde_json::from_value(json!({"id": "8", "members": null})).unwrap();
+        assert!(bare.members.is_empty() && bare.display_name.is_empty());
     }
 
     #[test]

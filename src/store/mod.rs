@@ -1,6 +1,6 @@
-//! The hub's durable state in SQLite (`hub.db` in the state directory): which SCIM resources
-//! each application's reconciler manages, and the history of runs with their per-resource
-//! operations, which survives hub restarts.
+//! The hub's durable state in SQLite (`hub.db` in the state directory): which SCIM users and
+//! groups each application's reconciler manages, and the history of runs with their
+//! per-resource operations, which survives hub restarts.
 //!
 //! Only the hub opens this database. It stores no secret: resource ids and names, counts and
 //! the administrator-facing messages. A run and its operations are written in one transaction,
@@ -12,7 +12,8 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::messages::hub::{OperationRecord, RunSummary};
+use crate::messages::hub::RunSummary;
+use crate::scim::outcome::ResourceOp;
 
 /// Runs kept per application by default; older runs and their operations are pruned as new
 /// ones arrive.
@@ -23,7 +24,7 @@ pub const RUNS_KEPT: usize = 1000;
 pub struct StoredOperation {
     pub seq: u32,
     #[serde(flatten)]
-    pub record: OperationRecord,
+    pub record: ResourceOp,
 }
 
 /// Errors of the state store. They name the database file.
@@ -48,8 +49,29 @@ pub struct Store {
     runs_kept: usize,
 }
 
+/// The tables of managed resource ids; the names are fixed, never taken from input.
+#[derive(Clone, Copy)]
+enum ManagedTable {
+    Users,
+    Groups,
+}
+
+impl ManagedTable {
+    fn name(self) -> &'static str {
+        match self {
+            ManagedTable::Users => "managed_users",
+            ManagedTable::Groups => "managed_groups",
+        }
+    }
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS managed_users (
+    app TEXT NOT NULL,
+    scim_id TEXT NOT NULL,
+    PRIMARY KEY (app, scim_id)
+);
+CREATE TABLE IF NOT EXISTS managed_groups (
     app TEXT NOT NULL,
     scim_id TEXT NOT NULL,
     PRIMARY KEY (app, scim_id)
@@ -114,21 +136,49 @@ impl Store {
 
     /// SCIM ids of the users this hub created or adopted in `app`.
     pub fn managed_users(&self, app: &str) -> Result<HashSet<String>, StoreError> {
+        self.managed(ManagedTable::Users, app)
+    }
+
+    /// Replaces the managed user set of `app` in one transaction.
+    pub fn set_managed_users(&self, app: &str, ids: &HashSet<String>) -> Result<(), StoreError> {
+        self.set_managed(ManagedTable::Users, app, ids)
+    }
+
+    /// SCIM ids of the groups this hub created or adopted in `app`.
+    pub fn managed_groups(&self, app: &str) -> Result<HashSet<String>, StoreError> {
+        self.managed(ManagedTable::Groups, app)
+    }
+
+    /// Replaces the managed group set of `app` in one transaction.
+    pub fn set_managed_groups(&self, app: &str, ids: &HashSet<String>) -> Result<(), StoreError> {
+        self.set_managed(ManagedTable::Groups, app, ids)
+    }
+
+    fn managed(&self, table: ManagedTable, app: &str) -> Result<HashSet<String>, StoreError> {
         self.with(|c| {
-            let mut stmt = c.prepare("SELECT scim_id FROM managed_users WHERE app = ?1")?;
+            let mut stmt = c.prepare(&format!(
+                "SELECT scim_id FROM {} WHERE app = ?1",
+                table.name()
+            ))?;
             let rows = stmt.query_map(params![app], |r| r.get::<_, String>(0))?;
             rows.collect()
         })
     }
 
-    /// Replaces the managed set of `app` in one transaction.
-    pub fn set_managed_users(&self, app: &str, ids: &HashSet<String>) -> Result<(), StoreError> {
+    fn set_managed(
+        &self,
+        table: ManagedTable,
+        app: &str,
+        ids: &HashSet<String>,
+    ) -> Result<(), StoreError> {
+        let name = table.name();
         self.with(|c| {
             let tx = c.transaction()?;
-            tx.execute("DELETE FROM managed_users WHERE app = ?1", params![app])?;
+            tx.execute(&format!("DELETE FROM {name} WHERE app = ?1"), params![app])?;
             {
-                let mut insert =
-                    tx.prepare("INSERT INTO managed_users (app, scim_id) VALUES (?1, ?2)")?;
+                let mut insert = tx.prepare(&format!(
+                    "INSERT INTO {name} (app, scim_id) VALUES (?1, ?2)"
+                ))?;
                 for id in ids {
                     insert.execute(params![app, id])?;
                 }
@@ -142,7 +192,7 @@ impl Store {
     pub fn record_run(
         &self,
         summary: &RunSummary,
-        operations: &[OperationRecord],
+        operations: &[ResourceOp],
     ) -> Result<i64, StoreError> {
         let json = serde_json::to_string(summary).unwrap_or_default();
         self.with(|c| {
@@ -162,14 +212,10 @@ impl Store {
                     "INSERT INTO operations (run_id, seq, outcome, record) VALUES (?1, ?2, ?3, ?4)",
                 )?;
                 for (i, op) in operations.iter().enumerate() {
-                    let outcome = serde_json::to_value(op.outcome)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default();
                     insert.execute(params![
                         run_id,
                         i as i64 + 1,
-                        outcome,
+                        op.result.name(),
                         serde_json::to_string(op).unwrap_or_default()
                     ])?;
                 }
@@ -298,7 +344,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::messages::hub::{OperationAction, OperationOutcome, ResourceKind};
+    use crate::scim::outcome::{OpKind, OpResult, ResourceKind};
 
     #[test]
     fn managed_set_and_runs_survive_reopen() {
@@ -307,6 +353,9 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             let ids: HashSet<String> = ["a".to_string(), "b".to_string()].into();
             store.set_managed_users("crm", &ids).unwrap();
+            let groups: HashSet<String> = ["g".to_string()].into();
+            store.set_managed_groups("crm", &groups).unwrap();
+            store.set_managed_groups("crm", &groups).unwrap();
             let summary = RunSummary {
                 app: "crm".into(),
                 ok: true,
@@ -318,6 +367,11 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.managed_users("crm").unwrap().len(), 2);
         assert!(store.managed_users("other").unwrap().is_empty());
+        assert_eq!(
+            store.managed_groups("crm").unwrap(),
+            ["g".to_string()].into()
+        );
+        assert!(store.managed_groups("other").unwrap().is_empty());
         let last = store.last_run("crm").unwrap().unwrap();
         assert_eq!((last.run_id, last.created), (1, 2));
         assert!(store.last_run("other").unwrap().is_none());
@@ -343,33 +397,28 @@ mod tests {
         assert!(store.runs("other", None, 10).unwrap().is_empty());
     }
 
-    fn op(i: usize, outcome: OperationOutcome) -> OperationRecord {
-        OperationRecord {
+    fn op(i: usize, failed: bool) -> ResourceOp {
+        ResourceOp {
+            kind: OpKind::Create,
             resource: ResourceKind::User,
-            action: OperationAction::Create,
-            outcome,
+            id: None,
             external_id: Some(format!("u{i}")),
-            scim_id: None,
-            name: Some(format!("user{i}@example.com")),
-            message: (outcome == OperationOutcome::Failed).then(|| "rejected (400)".into()),
+            name: format!("user{i}@example.com"),
+            members: 0,
+            result: if failed {
+                OpResult::Failed {
+                    message: "rejected (400)".into(),
+                }
+            } else {
+                OpResult::Ok
+            },
         }
     }
 
     #[test]
     fn operations_page_in_plan_order_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let ops: Vec<OperationRecord> = (0..7)
-            .map(|i| {
-                op(
-                    i,
-                    if i % 3 == 0 {
-                        OperationOutcome::Failed
-                    } else {
-                        OperationOutcome::Done
-                    },
-                )
-            })
-            .collect();
+        let ops: Vec<ResourceOp> = (0..7).map(|i| op(i, i % 3 == 0)).collect();
         let run_id = {
             let store = Store::open(dir.path()).unwrap();
             let summary = RunSummary {
@@ -403,9 +452,7 @@ mod tests {
             app: app.into(),
             ..Default::default()
         };
-        let first = store
-            .record_run(&run("crm"), &[op(0, OperationOutcome::Done)])
-            .unwrap();
+        let first = store.record_run(&run("crm"), &[op(0, false)]).unwrap();
         let wiki = store.record_run(&run("wiki"), &[]).unwrap();
         store.record_run(&run("crm"), &[]).unwrap();
         assert!(

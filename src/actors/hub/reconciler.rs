@@ -1,12 +1,12 @@
 //! Reconciler: one per application. Decides when to run (at start after a short grace, every
 //! interval, on demand, and again as soon as a connector appears after a run that had none),
-//! computes the desired users from the directory and the access rule, and applies the plan
-//! through the tunnel. Each run is recorded, with its operations, in the state store.
+//! computes the desired users and groups from the directory and the access rule, and applies
+//! the plans through the tunnel. Each run is recorded, with its operations, in the state store.
 //!
 //! One run at a time: the run goes on in a task of its own that reports back, so the actor keeps
 //! answering (status, last run) while it lasts, and a forced sync that arrives meanwhile joins
-//! the running run instead of starting another. It only ever deprovisions users recorded as
-//! managed for its own application.
+//! the running run instead of starting another. It only ever deprovisions users, and renames or
+//! deletes groups, recorded as managed for its own application.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,16 +17,16 @@ use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
 use super::tunnel_transport::TunnelTransport;
-use crate::config::directory::{DirUser, Directory};
+use crate::config::directory::{DirUser, Directory, GrantedGroup};
 use crate::config::hub::{AppConfig, DeprovisionMode as ConfigMode};
-use crate::messages::hub::{
-    OperationRecord, ReconcilerMsg, ReconcilerStatus, RegistryMsg, RunSummary, SyncOutcome,
-};
+use crate::messages::hub::{ReconcilerMsg, ReconcilerStatus, RegistryMsg, RunSummary, SyncOutcome};
 use crate::scim::client::ScimClient;
 use crate::scim::diff::{DeprovisionMode, DesiredUser};
 use crate::scim::error::NO_CONNECTOR;
+use crate::scim::group_diff::DesiredGroup;
+use crate::scim::outcome::ResourceOp;
 use crate::scim::resources::ScimEmail;
-use crate::scim::sync::sync_users;
+use crate::scim::sync::{sync, Managed, SyncError, SyncOptions};
 use crate::store::Store;
 
 /// What a Reconciler starts from.
@@ -201,7 +201,7 @@ fn unix_ms(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// One full reconciliation of the application's users, recorded in the store.
+/// One full reconciliation of the application's users and groups, recorded in the store.
 pub async fn run_once(args: &ReconcilerArgs, started: SystemTime) -> RunSummary {
     let app = &args.app;
     let clock = Instant::now();
@@ -225,30 +225,36 @@ pub async fn run_once(args: &ReconcilerArgs, started: SystemTime) -> RunSummary 
         Err(e) => warn!(app = %app.name, "cannot record the run: {e}"),
     }
     if summary.ok {
-        info!(app = %app.name, created = summary.created, updated = summary.updated, deprovisioned = summary.deprovisioned(), unchanged = summary.unchanged, "sync finished");
+        info!(app = %app.name, created = summary.created, updated = summary.updated, deprovisioned = summary.deprovisioned(), unchanged = summary.unchanged, groups_created = summary.groups.created, groups_updated = summary.groups.updated, groups_deleted = summary.groups.deleted, "sync finished");
     } else {
         warn!(app = %app.name, failed = summary.failed, "sync failed: {}", summary.message.as_deref().unwrap_or("see failures"));
     }
     summary
 }
 
-/// Runs the sync; its operations go to `operations`, which is where further resource kinds
-/// (groups) add theirs.
+/// Runs the sync; its operations go to `operations`, which the caller stores with the run.
 async fn reconcile(
     args: &ReconcilerArgs,
     summary: &mut RunSummary,
-    operations: &mut Vec<OperationRecord>,
+    operations: &mut Vec<ResourceOp>,
 ) -> Result<(), String> {
     let app = &args.app;
     let directory = Directory::load(&args.directory).map_err(|e| e.to_string())?;
     let granted = directory.granted(&app.grant);
     let desired: Vec<DesiredUser> = granted.users.iter().map(desired_user).collect();
+    let groups: Vec<DesiredGroup> = if app.provision_groups {
+        granted.groups.iter().map(desired_group).collect()
+    } else {
+        Vec::new()
+    };
     summary.desired = desired.len();
+    summary.groups_desired = groups.len();
 
-    let managed = args
-        .store
-        .managed_users(&app.name)
-        .map_err(|e| e.to_string())?;
+    let store_error = |e: crate::store::StoreError| e.to_string();
+    let managed = Managed {
+        users: args.store.managed_users(&app.name).map_err(store_error)?,
+        groups: args.store.managed_groups(&app.name).map_err(store_error)?,
+    };
     let transport = Arc::new(TunnelTransport::new(args.registry.clone(), app));
     let client = ScimClient::new(
         transport,
@@ -257,28 +263,51 @@ async fn reconcile(
         app.page_size,
     )
     .with_max_in_flight(app.concurrency);
-    let mode = match app.deprovision {
-        ConfigMode::Delete => DeprovisionMode::Delete,
-        ConfigMode::Deactivate => DeprovisionMode::Deactivate,
+    let options = SyncOptions {
+        mode: match app.deprovision {
+            ConfigMode::Delete => DeprovisionMode::Delete,
+            ConfigMode::Deactivate => DeprovisionMode::Deactivate,
+        },
+        guard: app.deletion_guard,
+        concurrency: app.concurrency,
+        member_batch: app.member_batch_size as usize,
+        groups: app.provision_groups,
     };
-    let report = sync_users(&client, &desired, &managed, mode, app.concurrency)
+    let report = sync(&client, &desired, &groups, &managed, &options)
         .await
-        .map_err(|e| e.diagnosis())?;
+        .map_err(|e| sync_diagnosis(&e, &app.name))?;
     args.store
-        .set_managed_users(&app.name, &report.managed_after)
-        .map_err(|e| e.to_string())?;
+        .set_managed_users(&app.name, &report.managed_after.users)
+        .map_err(store_error)?;
+    args.store
+        .set_managed_groups(&app.name, &report.managed_after.groups)
+        .map_err(store_error)?;
     summary.created = report.created;
     summary.updated = report.updated;
     summary.deactivated = report.deactivated;
     summary.deleted = report.deleted;
     summary.unchanged = report.unchanged;
     summary.unmanaged = report.unmanaged;
+    summary.groups = report.groups;
     summary.failed = report.failed;
     summary.requests = report.requests;
     summary.retries = report.retries;
     summary.message = report.first_error.as_ref().map(|e| e.diagnosis());
     operations.extend(report.operations);
     Ok(())
+}
+
+/// The Last Sync message of a run of `app` that changed nothing, naming the hub.toml key to
+/// change where one applies.
+pub fn sync_diagnosis(error: &SyncError, app: &str) -> String {
+    match error {
+        SyncError::List(e) => e.diagnosis(),
+        SyncError::GroupsUnsupported(e) => format!(
+            "{}; if the app has no Groups, set apps.{app}.provision_groups = false in hub.toml",
+            e.diagnosis(),
+        ),
+        SyncError::Guard(refusal) => refusal.message(&format!("apps.{app}.deletion_guard")),
+    }
 }
 
 /// The SCIM shape of a directory user as this application should hold it.
@@ -300,5 +329,78 @@ pub fn desired_user(user: &DirUser) -> DesiredUser {
             })
             .collect(),
         active: user.active,
+    }
+}
+
+/// The SCIM shape of a granted group: its members are the directory ids of granted users,
+/// which are those users' externalIds in the application.
+pub fn desired_group(group: &GrantedGroup) -> DesiredGroup {
+    DesiredGroup {
+        external_id: group.id.clone(),
+        display_name: group.display_name.clone(),
+        members: group.member_user_ids.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::hub::HubConfig;
+    use crate::scim::error::ScimError;
+    use crate::scim::guard::DeletionGuard;
+
+    fn sample_app() -> AppConfig {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hub.toml");
+        HubConfig::load(&path).unwrap().apps.remove(0)
+    }
+
+    #[test]
+    fn run_messages_name_the_setting_to_change() {
+        let app = sample_app();
+        let refusal = DeletionGuard::Count(5).check(9, 1, 40).unwrap_err();
+        let m = sync_diagnosis(&SyncError::Guard(refusal), &app.name);
+        assert!(
+            m.starts_with("deletion guard stopped the run: it would deprovision 9 users and delete 1 group (10 of the 40"),
+            "{m}"
+        );
+        assert!(
+            m.contains("raise apps.crm.deletion_guard in hub.toml"),
+            "{m}"
+        );
+        let not_found = ScimError::Status {
+            method: "GET".into(),
+            path: "/scim/v2/Groups".into(),
+            status: 404,
+            scim_type: None,
+            detail: None,
+        };
+        let m = sync_diagnosis(&SyncError::GroupsUnsupported(not_found), &app.name);
+        assert!(
+            m.starts_with("endpoint not found (404) at /scim/v2/Groups"),
+            "{m}"
+        );
+        assert!(
+            m.ends_with(
+                "if the app has no Groups, set apps.crm.provision_groups = false in hub.toml"
+            ),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn granted_groups_become_desired_groups_of_external_ids() {
+        let g = GrantedGroup {
+            id: "g-eng".into(),
+            display_name: "Engineering".into(),
+            member_user_ids: vec!["u1".into(), "u2".into()],
+        };
+        assert_eq!(
+            desired_group(&g),
+            DesiredGroup {
+                external_id: "g-eng".into(),
+                display_name: "Engineering".into(),
+                members: vec!["u1".into(), "u2".into()],
+            }
+        );
     }
 }
