@@ -22,4 +22,10 @@ async fn groups_follow_the_directory_on_a_real_scim_server() {
         .iter()
         .any(|r| r.method == "PATCH" && r.path.starts_with("/v2/Groups/") && r.status == 204);
     assert!(patched, "{}", crm.logs());
+    // Why the hub removes members by value-filtered path: scim2-server refuses a `remove`
+    // that carries a value (400), the form some clients send instead.
+    assert_eq!(
+        scenarios::member_removal_forms(&crm).await,
+        [(204, true), (400, false)]
+    );
 }

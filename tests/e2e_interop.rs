@@ -58,6 +58,12 @@ async fn scimmy_groups_follow_the_directory_through_the_tunnel() {
         .await;
     assert_eq!(created.status, 201, "{}", created.text());
     assert_eq!(created.header("location"), None);
+    // scimmy takes both forms of member removal; the hub sends the value-filtered path, the
+    // only one scim2-server takes too (tests/e2e_groups.rs).
+    assert_eq!(
+        scenarios::member_removal_forms(&crm).await,
+        [(200, true), (200, true)]
+    );
 }
 
 /// Two empty scim2-servers, one to be reached directly and one only through the tunnel, as the

@@ -221,9 +221,10 @@ pub fn plan_groups(
             break;
         }
     }
-    let (blocked, create): (Vec<DesiredGroup>, Vec<DesiredGroup>) = std::mem::take(&mut plan.create)
-        .into_iter()
-        .partition(|d| kept.contains_key(&d.display_name.to_lowercase()));
+    let (blocked, create): (Vec<DesiredGroup>, Vec<DesiredGroup>) =
+        std::mem::take(&mut plan.create)
+            .into_iter()
+            .partition(|d| kept.contains_key(&d.display_name.to_lowercase()));
     plan.create = create;
     plan.create_blocked = blocked
         .into_iter()
@@ -265,6 +266,12 @@ pub fn change_for(
 }
 
 /// The RFC 7644 §3.5.2.2 path that removes one member: `members[value eq "<id>"]`.
+///
+/// It is the one way RFC 7644 gives to remove some values of a multi-valued attribute. The
+/// other form in circulation, `remove` of `members` with `value: [{"value": "<id>"}]`, is not
+/// in the RFC, whose `remove` carries no value and, on a path without a filter, removes every
+/// member: scim2-server refuses it (400), scimmy takes both (`member_removal_forms` in the
+/// integration tests checks both servers).
 pub fn member_remove_path(id: &str) -> String {
     // A JSON string literal is a valid SCIM filter string: quoted, with `"` and `\` escaped.
     format!(
@@ -441,7 +448,12 @@ mod tests {
             group("t", None, "THEIRS", &[]),
             group("u", None, "Case", &[]),
         ];
-        let plan = plan_groups(&want, &current, &set(&["a", "b", "d", "e", "m"]), &user_ids());
+        let plan = plan_groups(
+            &want,
+            &current,
+            &set(&["a", "b", "d", "e", "m"]),
+            &user_ids(),
+        );
         let taken = |id: &str, name: &str| {
             Some(NameTaken {
                 id: id.into(),
@@ -456,7 +468,10 @@ mod tests {
         assert!(by_id("b").ops.is_empty());
         for (id, name) in [("d", "Retired"), ("e", "CASE")] {
             assert_eq!(by_id(id).name_taken, None);
-            assert_eq!(by_id(id).ops, [PatchOp::replace("displayName", json!(name))]);
+            assert_eq!(
+                by_id(id).ops,
+                [PatchOp::replace("displayName", json!(name))]
+            );
         }
         let created: Vec<&str> = plan.create.iter().map(|g| g.external_id.as_str()).collect();
         assert_eq!(created, ["g6"]);

@@ -3,7 +3,9 @@
 //! It owns the order and the safety rules of applying a [`UserPlan`] and a [`GroupPlan`]:
 //! 1. managed groups no longer granted are deleted, and the desired groups found on the server
 //!    are renamed and lose every member that is not a granted user — so a user's memberships
-//!    are gone before the user is deprovisioned (servers do not do it for us);
+//!    are gone before the user is deprovisioned (servers do not do it for us). A rename is a
+//!    request of its own, so that one the server refuses never holds the removals back, and a
+//!    displayName another group keeps is never sent at all (see [`GroupPlan`]);
 //! 2. users are deprovisioned, then updated, then created (so freed user names are free before
 //!    they are reused);
 //! 3. new groups are created and the found ones gain their missing members — only now, since
@@ -437,7 +439,12 @@ impl Run<'_> {
             .create
             .iter()
             .map(|g| Op::CreateGroup(g, g.member_ids(&self.user_ids).into_iter().collect()))
-            .chain(groups.create_blocked.iter().map(|(g, t)| Op::RefuseGroup(g, t)))
+            .chain(
+                groups
+                    .create_blocked
+                    .iter()
+                    .map(|(g, t)| Op::RefuseGroup(g, t)),
+            )
             .collect();
         let mut fills = Vec::new();
         let mut changed = Vec::new();
@@ -1698,7 +1705,10 @@ mod tests {
         let (server, recording, client, users, managed) = three_groups().await;
         // Alpha should be called `gamma`, the name of the group the hub does not manage; user 0
         // leaves, user 5 joins.
-        let groups = [group("g-a", "gamma", [1, 2, 3, 5]), group("g-b", "Beta", 2..6)];
+        let groups = [
+            group("g-a", "gamma", [1, 2, 3, 5]),
+            group("g-b", "Beta", 2..6),
+        ];
         let run = sync(
             &client,
             &users[1..],
@@ -1730,12 +1740,20 @@ mod tests {
             )
         );
         assert_eq!(
-            (run.deleted, run.groups.members_removed, run.groups.members_added),
+            (
+                run.deleted,
+                run.groups.members_removed,
+                run.groups.members_added
+            ),
             (1, 1, 1)
         );
         assert_eq!((run.groups.updated, run.groups.unchanged), (0, 1));
         let held = groups_of(&server);
-        assert_eq!(held["Alpha"], exts([1, 2, 3, 5]), "no dangling user 0, user 5 in");
+        assert_eq!(
+            held["Alpha"],
+            exts([1, 2, 3, 5]),
+            "no dangling user 0, user 5 in"
+        );
         assert!(held["Gamma"].is_empty() && held.len() == 3, "{held:?}");
         // Held back again on the next run, and nothing else to do.
         let again = sync(
@@ -1756,7 +1774,10 @@ mod tests {
         let (server, recording, client, users, managed) = three_groups().await;
         // Alpha and Beta swap names: each rename finds the other name still taken (409). User
         // 2 leaves both groups and the application; user 0 joins Beta.
-        let users: Vec<DesiredUser> = users.into_iter().filter(|u| u.external_id != "ext-0002").collect();
+        let users: Vec<DesiredUser> = users
+            .into_iter()
+            .filter(|u| u.external_id != "ext-0002")
+            .collect();
         let groups = [
             group("g-a", "Beta", [0, 1, 3]),
             group("g-b", "Alpha", [0, 3, 4, 5]),

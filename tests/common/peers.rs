@@ -59,7 +59,10 @@ pub trait ScimPeer: Sized {
     /// it, which the client's own report cannot show (batches, order, writes that should not
     /// have happened).
     fn request_log(&self) -> Vec<LoggedRequest> {
-        self.logs().lines().filter_map(Self::parse_log_line).collect()
+        self.logs()
+            .lines()
+            .filter_map(Self::parse_log_line)
+            .collect()
     }
 
     /// [`ScimPeer::request_log`] once every request answered before this call is in it: a

@@ -199,7 +199,8 @@ pub struct HeldGroup {
     pub external_id: Option<String>,
     /// Its members by user key ([`users_of`]); `?<value>` for a value that is no user.
     pub members: BTreeSet<String>,
-    /// The resource as the server returned it.
+    /// The resource as the server returned it (`meta` included: two reads are equal only if
+    /// nothing changed in between).
     pub raw: Value,
 }
 
@@ -246,7 +247,11 @@ pub async fn held<S: ScimPeer>(server: &S) -> Held {
     let (mut names, mut exts) = (BTreeSet::new(), BTreeSet::new());
     for g in list_all(server, "Groups").await {
         let name = g["displayName"].as_str().unwrap().to_string();
-        assert!(names.insert(name.to_lowercase()), "{}: `{name}` twice", S::KIND);
+        assert!(
+            names.insert(name.to_lowercase()),
+            "{}: `{name}` twice",
+            S::KIND
+        );
         let external_id = g["externalId"].as_str().map(str::to_string);
         if let Some(ext) = &external_id {
             assert!(exts.insert(ext.clone()), "{}: group {ext} twice", S::KIND);
@@ -257,9 +262,18 @@ pub async fn held<S: ScimPeer>(server: &S) -> Held {
             .unwrap_or_default();
         let members: BTreeSet<String> = values
             .iter()
-            .map(|v| key_of.get(v).map_or_else(|| format!("?{v}"), |k| k.to_string()))
+            .map(|v| {
+                key_of
+                    .get(v)
+                    .map_or_else(|| format!("?{v}"), |k| k.to_string())
+            })
             .collect();
-        assert_eq!(members.len(), values.len(), "{}: a member twice: {g}", S::KIND);
+        assert_eq!(
+            members.len(),
+            values.len(),
+            "{}: a member twice: {g}",
+            S::KIND
+        );
         let id = g["id"].as_str().unwrap().to_string();
         let group = HeldGroup {
             id,
@@ -312,7 +326,9 @@ async fn logged_since<S: ScimPeer>(server: &S, seen: &mut usize) -> Vec<LoggedRe
 
 /// Positions in `log` of the `method` requests on exactly `path`.
 fn positions(log: &[LoggedRequest], method: &str, path: &str) -> Vec<usize> {
-    (0..log.len()).filter(|&i| log[i].is(method, path)).collect()
+    (0..log.len())
+        .filter(|&i| log[i].is(method, path))
+        .collect()
 }
 
 /// One of the two applications of [`groups_follow_the_directory`]: on `server`, target
@@ -331,14 +347,15 @@ fn groups_app<S: ScimPeer>(name: &str, server: &S, mode: &str, groups: &[&str]) 
 /// Groups through the tunnel into two servers of kind `S`, `crm` (deprovision by DELETE, with
 /// an unmanaged group `legacy-team`) and `wiki` (by `active=false`), both granting `staff`
 /// (u01..u08 and the nested `ops`: u09, u10), `ops` and `visitors` (u12) and u11, with 3
-/// members per PATCH. Five runs: groups created with their exact member sets; nothing sent when
+/// members per PATCH. The runs: groups created with their exact member sets; nothing sent when
 /// nothing changed; a rename, four leavers (who leave the hub's groups before they are
 /// deprovisioned), three newcomers and a group emptied, each membership change cut into PATCHes
-/// of 3; a group taken out of the access rule deleted, a leaver granted again reactivated (wiki)
-/// and back in its group; the deletion guard stopping an emptied directory with nothing
-/// changed. Every check reads the server's own API (and, for batches and order, its request
-/// log); nothing may exist twice, and `legacy-team` is never touched. Returns the servers
-/// (`crm`, `wiki`) for checks specific to their kind.
+/// of 3, then nothing left to do; a group taken out of the access rule deleted, a leaver granted
+/// again reactivated (wiki) and back in its group; the deletion guard stopping an emptied
+/// directory with nothing changed; a rename onto the name of the unmanaged group held back
+/// while the membership still moves. Every check reads the server's own API (and, for batches
+/// and order, its request log); nothing may exist twice, and `legacy-team` is never touched.
+/// Returns the servers (`crm`, `wiki`) for checks specific to their kind.
 pub async fn groups_follow_the_directory<S: ScimPeer>() -> (S, S) {
     const GRANT: [&str; 3] = ["g-staff", "g-ops", "visitors"];
     let crm = S::start_with_token(SCIM_TOKEN).await;
@@ -375,7 +392,8 @@ pub async fn groups_follow_the_directory<S: ScimPeer>() -> (S, S) {
     deployment.wait_for_agent("wiki-scim").await;
     let both = ["crm", "wiki"];
     let (mut crm_seen, mut wiki_seen) = (0, 0);
-    let _setup = logged_since(&crm, &mut crm_seen).await;
+    // What the test itself sent is not the hub's doing.
+    logged_since(&crm, &mut crm_seen).await;
 
     // Run 1: 12 users and 3 groups, the nested ops flattened into staff. Staff's 10 members
     // go out as 3 in its POST and 7 in PATCHes of 3, 3 and 1.
@@ -398,7 +416,10 @@ pub async fn groups_follow_the_directory<S: ScimPeer>() -> (S, S) {
         assert_eq!(h.group("ops").members, keys([9, 10]));
         assert_eq!(h.group("ops").external_id.as_deref(), Some("g-ops"));
         assert_eq!(h.group("visitors").members, keys([12]));
-        assert_eq!(h.group("visitors").external_id.as_deref(), Some("g-visitors"));
+        assert_eq!(
+            h.group("visitors").external_id.as_deref(),
+            Some("g-visitors")
+        );
         let patches = |name: &str| positions(server_log, "PATCH", &groups_path(&h.group(name).id));
         assert_eq!(patches("staff").len(), 3, "{}: {server_log:?}", S::KIND);
         assert!(patches("ops").is_empty() && patches("visitors").is_empty());
@@ -422,7 +443,7 @@ pub async fn groups_follow_the_directory<S: ScimPeer>() -> (S, S) {
         .await;
     assert!(matches!(patched.status, 200 | 204), "{}", patched.text());
     let legacy_before = crm.get_json(&format!("/Groups/{legacy_id}")).await;
-    let _ = logged_since(&crm, &mut crm_seen).await;
+    logged_since(&crm, &mut crm_seen).await;
 
     // Run 2: nothing changed, nothing sent but the listings.
     let outs = sync_expecting(
@@ -434,8 +455,20 @@ pub async fn groups_follow_the_directory<S: ScimPeer>() -> (S, S) {
             "members 0 added, 0 removed",
         ],
     );
-    assert!(outs[0].contains("3 unchanged, 1 unmanaged"), "legacy-team: {}", outs[0]);
-    assert_no_writes(&logged_since(&crm, &mut crm_seen).await, "crm, run 2");
+    assert!(
+        outs[0].contains("3 unchanged, 1 unmanaged"),
+        "legacy-team: {}",
+        outs[0]
+    );
+    let crm_log = logged_since(&crm, &mut crm_seen).await;
+    assert_no_writes(&crm_log, "crm, run 2");
+    // crm's four groups were listed in two pages, whatever itemsPerPage the server echoes.
+    let second_page = format!("{}/Groups?startIndex=3&count=2", S::BASE_PATH);
+    assert!(
+        crm_log.iter().any(|r| r.is("GET", &second_page)),
+        "{}: {crm_log:?}",
+        S::KIND
+    );
     assert_no_writes(&logged_since(&wiki, &mut wiki_seen).await, "wiki, run 2");
 
     // Run 3: four leavers; newcomers u13..u15 join staff; ops is renamed operations and gains
@@ -493,8 +526,17 @@ pub async fn groups_follow_the_directory<S: ScimPeer>() -> (S, S) {
             at
         };
         let staff = patches("staff", &before.group("staff").id);
-        assert_eq!(staff.len(), 4, "{}: 4 removals, 4 additions: {log:?}", S::KIND);
-        assert_eq!(patches("ops", &operations.id).len(), 2, "rename, add: {log:?}");
+        assert_eq!(
+            staff.len(),
+            4,
+            "{}: 4 removals, 4 additions: {log:?}",
+            S::KIND
+        );
+        assert_eq!(
+            patches("ops", &operations.id).len(),
+            2,
+            "rename, add: {log:?}"
+        );
         let visitors = patches("visitors", &before.group("visitors").id);
         assert_eq!(visitors.len(), 1, "{log:?}");
         // Every leaver left the hub's groups (staff: the first two PATCHes) before it was
@@ -506,7 +548,12 @@ pub async fn groups_follow_the_directory<S: ScimPeer>() -> (S, S) {
                 let at: Vec<usize> = (0..log.len())
                     .filter(|&i| log[i].writes() && log[i].path == path)
                     .collect();
-                assert_eq!(at.len(), 1, "{}: {key} deprovisioned once: {log:?}", S::KIND);
+                assert_eq!(
+                    at.len(),
+                    1,
+                    "{}: {key} deprovisioned once: {log:?}",
+                    S::KIND
+                );
                 at[0]
             })
             .collect();
@@ -522,12 +569,25 @@ pub async fn groups_follow_the_directory<S: ScimPeer>() -> (S, S) {
     }
     let [crm_after, wiki_after] = &after;
     for key in LEAVERS {
-        assert!(!crm_after.users.contains_key(key), "delete mode removes {key}");
-        assert_eq!(wiki_after.users[key]["active"], false, "deactivate mode keeps {key}");
+        assert!(
+            !crm_after.users.contains_key(key),
+            "delete mode removes {key}"
+        );
+        assert_eq!(
+            wiki_after.users[key]["active"], false,
+            "deactivate mode keeps {key}"
+        );
     }
-    assert_eq!(crm_after.users.len(), 11 + 1, "u01..u15 but the leavers, legacy-admin");
+    assert_eq!(
+        crm_after.users.len(),
+        11 + 1,
+        "u01..u15 but the leavers, legacy-admin"
+    );
     assert_eq!(wiki_after.users.len(), 15);
-    assert_eq!(crm.get_json(&format!("/Groups/{legacy_id}")).await, legacy_before);
+    assert_eq!(
+        crm.get_json(&format!("/Groups/{legacy_id}")).await,
+        legacy_before
+    );
 
     // Run 3 again: an empty group, a renamed one, the leavers: nothing left to do.
     sync_expecting(
@@ -540,7 +600,10 @@ pub async fn groups_follow_the_directory<S: ScimPeer>() -> (S, S) {
         ],
     );
     assert_no_writes(&logged_since(&crm, &mut crm_seen).await, "crm, run 3 again");
-    assert_no_writes(&logged_since(&wiki, &mut wiki_seen).await, "wiki, run 3 again");
+    assert_no_writes(
+        &logged_since(&wiki, &mut wiki_seen).await,
+        "wiki, run 3 again",
+    );
 
     // Run 4: visitors is taken out of the access rule (hub.toml, read when the hub starts):
     // the empty group is deleted. u03 is granted again: created anew on crm, reactivated on
@@ -560,8 +623,16 @@ pub async fn groups_follow_the_directory<S: ScimPeer>() -> (S, S) {
         &both,
         &[groups_line, "members 1 added, 0 removed"],
     );
-    assert!(outs[0].contains("created 1, updated 0, deprovisioned 0"), "{}", outs[0]);
-    assert!(outs[1].contains("created 0, updated 1, deprovisioned 0"), "{}", outs[1]);
+    assert!(
+        outs[0].contains("created 1, updated 0, deprovisioned 0"),
+        "{}",
+        outs[0]
+    );
+    assert!(
+        outs[1].contains("created 0, updated 1, deprovisioned 0"),
+        "{}",
+        outs[1]
+    );
     let logs = [
         logged_since(&crm, &mut crm_seen).await,
         logged_since(&wiki, &mut wiki_seen).await,
@@ -577,7 +648,11 @@ pub async fn groups_follow_the_directory<S: ScimPeer>() -> (S, S) {
         assert_user(&h.users["u03"], 3, "Family03");
     }
     let h = held(&wiki).await;
-    assert_eq!(h.user_id("u03"), wiki_after.user_id("u03"), "the same account came back");
+    assert_eq!(
+        h.user_id("u03"),
+        wiki_after.user_id("u03"),
+        "the same account came back"
+    );
     for key in ["u04", "u06", "u07"] {
         assert_eq!(h.users[key]["active"], false, "{key} stays deactivated");
     }
@@ -659,14 +734,71 @@ pub async fn groups_follow_the_directory<S: ScimPeer>() -> (S, S) {
     let h = held(&wiki).await;
     assert!(!h.groups.contains_key("staff"), "{:?}", h.groups.keys());
     assert_eq!(h.group("LEGACY-TEAM").members, staff_now);
-    assert_eq!(h.group("LEGACY-TEAM").external_id.as_deref(), Some("g-staff"));
+    assert_eq!(
+        h.group("LEGACY-TEAM").external_id.as_deref(),
+        Some("g-staff")
+    );
     assert_eq!(h.users["u01"]["active"], false);
-    assert_eq!(crm.get_json(&format!("/Groups/{legacy_id}")).await, legacy_before);
+    assert_eq!(
+        crm.get_json(&format!("/Groups/{legacy_id}")).await,
+        legacy_before
+    );
     (crm, wiki)
 }
 
 /// Asserts that `log` holds reads only.
 fn assert_no_writes(log: &[LoggedRequest], what: &str) {
     let writes: Vec<&LoggedRequest> = log.iter().filter(|r| r.writes()).collect();
-    assert!(writes.is_empty(), "{what}: nothing to change, yet: {writes:?}");
+    assert!(
+        writes.is_empty(),
+        "{what}: nothing to change, yet: {writes:?}"
+    );
+}
+
+/// How `server` takes one member out of a group, in the two forms clients send: RFC 7644
+/// §3.5.2.2's `remove` with a value-filtered path (`members[value eq "<id>"]`), the form the hub
+/// sends, and a `remove` of `members` carrying `value: [{"value": "<id>"}]`, which RFC 7644
+/// does not define (its `remove` has no value, and a path without a filter removes every
+/// member). For each: the status, and whether exactly that member left.
+pub async fn member_removal_forms<S: ScimPeer>(server: &S) -> [(u16, bool); 2] {
+    let mut ids = Vec::new();
+    for name in ["probe-member-a", "probe-member-b"] {
+        let u = server
+            .post_json(
+                "/Users",
+                &json!({"schemas": [USER_SCHEMA], "userName": name}),
+            )
+            .await;
+        ids.push(u["id"].as_str().unwrap().to_string());
+    }
+    let (a, b) = (&ids[0], &ids[1]);
+    let members = |ids: &[&String]| -> Vec<Value> {
+        ids.iter()
+            .map(|id| json!({"value": id, "type": "User"}))
+            .collect()
+    };
+    let forms = [
+        json!({"op": "remove", "path": format!("members[value eq \"{a}\"]")}),
+        json!({"op": "remove", "path": "members", "value": [{"value": a}]}),
+    ];
+    let mut seen = [(0, false); 2];
+    for (i, form) in forms.into_iter().enumerate() {
+        let group = server
+            .post_json(
+                "/Groups",
+                &json!({"schemas": [GROUP_SCHEMA], "displayName": format!("probe-removal-{i}"),
+                        "members": members(&[a, b])}),
+            )
+            .await;
+        let path = format!("/Groups/{}", group["id"].as_str().unwrap());
+        let body = json!({"schemas": [PATCH_OP_SCHEMA], "Operations": [form]});
+        let answer = server.request("PATCH", &path, Some(&body)).await;
+        let now = server.get_json(&path).await;
+        let left: Vec<&str> = now["members"]
+            .as_array()
+            .map(|m| m.iter().filter_map(|m| m["value"].as_str()).collect())
+            .unwrap_or_default();
+        seen[i] = (answer.status, left == [b.as_str()]);
+    }
+    seen
 }
