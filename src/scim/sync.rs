@@ -154,7 +154,7 @@ impl Op<'_> {
                 g.display_name.as_str(),
             ),
             Op::PruneGroup(c) => (
-                if c.ops.is_empty() {
+                if c.ops.is_empty() && c.name_taken.is_none() {
                     OpKind::RemoveMembers
                 } else {
                     OpKind::Update
@@ -1704,10 +1704,11 @@ mod tests {
     async fn a_rename_onto_a_name_another_group_keeps_is_held_back_and_members_still_move() {
         let (server, recording, client, users, managed) = three_groups().await;
         // Alpha should be called `gamma`, the name of the group the hub does not manage; user 0
-        // leaves, user 5 joins.
+        // leaves, user 5 joins. A new group wants the name Alpha keeps.
         let groups = [
             group("g-a", "gamma", [1, 2, 3, 5]),
             group("g-b", "Beta", 2..6),
+            group("g-c", "alpha", [1]),
         ];
         let run = sync(
             &client,
@@ -1723,7 +1724,33 @@ mod tests {
             !log.iter().any(|l| l.contains("displayName")),
             "no rename sent: {log:#?}"
         );
-        assert_eq!(run.failed, 1, "{:?}", run.operations);
+        assert_eq!(run.failed, 2, "{:?}", run.operations);
+        let refused = run
+            .operations
+            .iter()
+            .find(|o| o.kind == OpKind::Create)
+            .unwrap();
+        let alpha_id = server
+            .groups()
+            .into_iter()
+            .find(|g| g.display_name == "Alpha")
+            .unwrap()
+            .id
+            .unwrap();
+        assert_eq!(
+            (refused.name.as_str(), &refused.result),
+            (
+                "alpha",
+                &OpResult::Failed {
+                    message: format!(
+                        "cannot create group `alpha`: the application already has another \
+                         group named `Alpha` (id {alpha_id}); give the group another \
+                         displayName in the directory, or rename or remove that group in the \
+                         application"
+                    )
+                }
+            )
+        );
         assert_eq!(
             run.first_error.as_ref().unwrap().diagnosis(),
             format!(
@@ -1765,7 +1792,7 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!((again.failed, again.requests), (1, 2));
+        assert_eq!((again.failed, again.requests), (2, 2));
         server.shutdown().await;
     }
 
