@@ -3,9 +3,12 @@
 //! `scimmy-routers` (npm, [`ScimmyServer`], source in `tests/scimmy/`).
 //!
 //! The two differ on purpose in their habits (PATCH 204 vs 200 with the resource, `Location` or
-//! none, HTTP/1.0 close vs keep-alive, case-insensitive vs case-exact filters): a client that
-//! relies on one server's habit fails against the other. Both listen on 127.0.0.1 only, on a free
-//! port, and keep their state in memory.
+//! none, HTTP/1.0 close vs keep-alive, case-insensitive vs case-exact filters, two groups of one
+//! displayName stored vs refused with 409, a `remove` carrying a value refused vs applied; scimmy
+//! also leaves `members` out of an empty group and echoes the `count` asked for as
+//! `itemsPerPage`): a client that relies on one server's habit fails against the other. Both
+//! listen on 127.0.0.1 only, on a free port, and keep their state in memory. Each one's request
+//! log ([`ScimPeer::request_log`]) shows what reached it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
