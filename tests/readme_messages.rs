@@ -187,6 +187,18 @@ fn scim_messages() -> Vec<String> {
             path: "/v2/Users".into(),
             detail: "not JSON".into(),
         },
+        ScimError::NameTaken {
+            current: Some("ops".into()),
+            wanted: "Operations".into(),
+            holder_id: "4f1c".into(),
+            holder_name: "operations".into(),
+        },
+        ScimError::NameTaken {
+            current: None,
+            wanted: "Sales".into(),
+            holder_id: "9a0e".into(),
+            holder_name: "sales".into(),
+        },
         ScimError::Transport(TransportError::Tunnel {
             detail: "agent disconnected".into(),
         }),

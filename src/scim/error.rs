@@ -27,6 +27,17 @@ pub enum ScimError {
     /// The server answered with a success status, but not with what SCIM promises.
     #[error("unexpected answer at {path}: {detail}")]
     BadResponse { path: String, detail: String },
+    /// A group was not renamed or created (nothing was sent): another group, which the run
+    /// leaves under its name, already has that displayName.
+    #[error("displayName `{wanted}` is taken by group {holder_id} (`{holder_name}`)")]
+    NameTaken {
+        /// The group's displayName now, for a rename; `None` for a create.
+        current: Option<String>,
+        /// The displayName the directory gives it.
+        wanted: String,
+        holder_id: String,
+        holder_name: String,
+    },
 }
 
 impl ScimError {
@@ -97,6 +108,22 @@ impl ScimError {
                 "unexpected answer from the SCIM server at {path} ({detail}): check that the \
                  base URL points at a SCIM 2.0 endpoint"
             ),
+            ScimError::NameTaken {
+                current,
+                wanted,
+                holder_id,
+                holder_name,
+            } => {
+                let what = match current {
+                    Some(current) => format!("rename group `{current}` to `{wanted}`"),
+                    None => format!("create group `{wanted}`"),
+                };
+                format!(
+                    "cannot {what}: the application already has another group named \
+                     `{holder_name}` (id {holder_id}); give the group another displayName in \
+                     the directory, or rename or remove that group in the application"
+                )
+            }
         }
     }
 }

@@ -190,6 +190,8 @@ pub struct Deployment {
     pub hub: ChildGuard,
     /// The default agent; `None` when [`DeploySpec::start_agent`] was false.
     pub agent: Option<ChildGuard>,
+    /// hub.toml up to the first app: kept to rewrite the apps ([`Deployment::set_apps`]).
+    hub_toml_head: String,
 }
 
 /// A user of the sample directory's shape: `userName` is also the work e-mail.
@@ -261,10 +263,8 @@ pub async fn deploy(spec: DeploySpec) -> Deployment {
             s.name, s.id, s.enabled
         ));
     }
-    for app in &spec.apps {
-        toml.push_str(&app.toml());
-    }
-    std::fs::write(dir.path().join("hub.toml"), toml).unwrap();
+    let hub_toml_head = toml;
+    write_hub_toml(dir.path(), &hub_toml_head, &spec.apps);
 
     let hub = spawn_hub(dir.path());
     let mut deployment = Deployment {
@@ -273,6 +273,7 @@ pub async fn deploy(spec: DeploySpec) -> Deployment {
         admin_port,
         hub,
         agent: None,
+        hub_toml_head,
     };
     let ini = deployment.write_agent_config(
         "config.ini",
@@ -285,6 +286,15 @@ pub async fn deploy(spec: DeploySpec) -> Deployment {
         deployment.agent = Some(deployment.spawn_agent("agent", &ini));
     }
     deployment
+}
+
+/// hub.toml: `head` (listen, TLS, admin, services), then one table per app.
+fn write_hub_toml(dir: &Path, head: &str, apps: &[App]) {
+    let mut toml = head.to_owned();
+    for app in apps {
+        toml.push_str(&app.toml());
+    }
+    std::fs::write(dir.join("hub.toml"), toml).unwrap();
 }
 
 fn spawn_hub(dir: &Path) -> ChildGuard {
@@ -383,6 +393,12 @@ impl Deployment {
             cmd.env(name, value);
         }
         ChildGuard::spawn(label, cmd).expect("start connect run")
+    }
+
+    /// Rewrites the `[apps.*]` tables of hub.toml as `apps`, as an administrator edits the
+    /// access rule; the hub reads them when it starts ([`Deployment::restart_hub`]).
+    pub fn set_apps(&self, apps: &[App]) {
+        write_hub_toml(self.dir.path(), &self.hub_toml_head, apps);
     }
 
     /// Stops the hub (SIGTERM) and starts it again on the same ports with the same files.
