@@ -108,6 +108,8 @@ pub struct SyncReport {
     pub requests: usize,
     /// Of those, retries of transient faults and throttled answers.
     pub retries: usize,
+    /// Of those retries, requests sent again after the agent carrying them was lost.
+    pub rerouted: usize,
     /// Every planned operation and how it ended, in plan order.
     pub operations: Vec<ResourceOp>,
 }
@@ -273,6 +275,7 @@ pub async fn sync(
 ) -> Result<SyncReport, SyncError> {
     let before = client.request_count();
     let retries_before = client.retry_count();
+    let reroutes_before = client.reroute_count();
     let current_users = client.list_users().await?;
     // Groups are listed only when there is something to do with them: apps that only grant
     // users cost no extra request, and apps without Groups keep working.
@@ -369,6 +372,7 @@ pub async fn sync(
     report.failed = report.operations.iter().filter(|o| !o.succeeded()).count();
     report.requests = client.request_count().saturating_sub(before);
     report.retries = client.retry_count().saturating_sub(retries_before);
+    report.rerouted = client.reroute_count().saturating_sub(reroutes_before);
     tracing::info!(
         created = report.created,
         updated = report.updated,
@@ -384,6 +388,7 @@ pub async fn sync(
         failed = report.failed,
         requests = report.requests,
         retries = report.retries,
+        rerouted = report.rerouted,
         "sync finished"
     );
     Ok(report)
