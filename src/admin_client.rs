@@ -219,7 +219,8 @@ pub fn failover(run: &RunSummary) -> Option<String> {
         })
         .collect();
     Some(format!(
-        "{}; {} request(s) re-sent through another agent, creates looked up before any resend",
+        "{}; {} re-sent at once through another agent, the others (creates, member changes) \
+         looked up before any resend or reported failed",
         lost.join(", "),
         run.rerouted
     ))
@@ -451,7 +452,7 @@ mod tests {
         let text = describe_run(&run);
         assert!(text.starts_with("crm: sync ok"), "{text}");
         assert!(
-            text.contains("\n  failover: agent `vm-2` was lost with 4 request(s) of the run in flight; 1 request(s) re-sent through another agent"),
+            text.contains("\n  failover: agent `vm-2` was lost with 4 request(s) of the run in flight; 1 re-sent at once through another agent, the others"),
             "{text}"
         );
         let interrupted = RunSummary {

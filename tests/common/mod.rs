@@ -607,6 +607,26 @@ impl Scim2Server {
         list["Resources"].as_array().cloned().unwrap_or_default()
     }
 
+    /// Every User the server holds, page by page (1000 at a time), however many there are.
+    pub async fn all_users(&self) -> Vec<serde_json::Value> {
+        let mut users = Vec::new();
+        loop {
+            let page = self
+                .get_json(&format!("/Users?startIndex={}&count=1000", users.len() + 1))
+                .await;
+            let resources = page["Resources"].as_array().cloned().unwrap_or_default();
+            let total = page["totalResults"].as_u64().unwrap_or(0) as usize;
+            if resources.is_empty() {
+                break;
+            }
+            users.extend(resources);
+            if users.len() >= total {
+                break;
+            }
+        }
+        users
+    }
+
     /// `POST /v2<path>` with `body`, asserting 201 Created; returns the created resource.
     pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> serde_json::Value {
         self.endpoint()

@@ -254,14 +254,16 @@ fn pick_agent(
             ),
         ));
     }
-    let least = healthy
-        .iter()
-        .map(|a| a.health.in_flight())
-        .min()
-        .unwrap_or(0);
-    let candidates: Vec<&AgentEntry> = healthy
+    // Read once: sessions release their requests while we choose.
+    let loads: Vec<(&AgentEntry, usize)> = healthy
         .into_iter()
-        .filter(|a| a.health.in_flight() == least)
+        .map(|a| (a, a.health.in_flight()))
+        .collect();
+    let least = loads.iter().map(|(_, n)| *n).min().unwrap_or(0);
+    let candidates: Vec<&AgentEntry> = loads
+        .into_iter()
+        .filter(|(_, n)| *n == least)
+        .map(|(a, _)| a)
         .collect();
     state.next_pick = state.next_pick.wrapping_add(1);
     let chosen = candidates[state.next_pick % candidates.len()];
