@@ -219,9 +219,10 @@ async fn a_pair_shares_the_load_and_stops_routing_to_an_agent_that_goes_silent_o
     assert!(text.contains("2 agents connected"), "{text}");
     for name in ["a", "b"] {
         assert!(
-            text.lines()
-                .any(|l| l.trim_start().starts_with(&format!("{name} from 127.0.0.1:"))
-                    && l.contains("; healthy, 0 in flight,")),
+            text.lines().any(|l| l
+                .trim_start()
+                .starts_with(&format!("{name} from 127.0.0.1:"))
+                && l.contains("; healthy, 0 in flight,")),
             "agent {name} with its health in:\n{text}"
         );
     }
@@ -287,6 +288,60 @@ async fn a_pair_shares_the_load_and_stops_routing_to_an_agent_that_goes_silent_o
     assert!(pair.forwarded(&a_ini) > before);
 }
 
+/// When `after` requests with `method` to /Users have reached the proxy, holds the next eight
+/// at the server's door for a moment, so that agent `name` carries some of them for certain,
+/// then kills it (SIGKILL) and waits until the hub no longer lists it. Returns when it was
+/// killed, how long the hub took to drop it, and how many requests it carried.
+async fn kill_mid_run(
+    d: &Deployment,
+    proxy: &FaultProxy,
+    method: &str,
+    after: usize,
+    name: &str,
+    victim: &mut ChildGuard,
+) -> (Instant, Duration, u64) {
+    let seen = || proxy.seen(method, "/Users");
+    wait_until(
+        &format!("{after} {method}s"),
+        Duration::from_secs(60),
+        || std::future::ready(seen().len() >= after),
+    )
+    .await
+    .unwrap();
+    proxy.add(
+        Rule::new(Fault::Delay(Duration::from_millis(1500)))
+            .method(method)
+            .path("/Users")
+            .times(8),
+    );
+    let carrying = || async {
+        let held = seen().iter().filter(|s| s.fault.is_some()).count();
+        let in_flight = agent(d, name)
+            .await
+            .and_then(|a| a["in_flight"].as_u64())
+            .unwrap_or(0);
+        (held == 8).then_some(in_flight).filter(|n| *n > 0)
+    };
+    wait_until(
+        &format!("agent {name} carrying held requests"),
+        Duration::from_secs(10),
+        || async { carrying().await.is_some() },
+    )
+    .await
+    .unwrap();
+    let in_flight = carrying().await.unwrap_or(0);
+    let killed = Instant::now();
+    victim.kill_now();
+    wait_until(
+        &format!("agent {name} gone from the hub"),
+        Duration::from_secs(15),
+        || async { agent(d, name).await.is_none() },
+    )
+    .await
+    .unwrap();
+    (killed, killed.elapsed(), in_flight)
+}
+
 #[tokio::test]
 async fn an_agent_killed_mid_sync_hands_its_requests_to_the_other_and_nothing_is_created_twice() {
     const USERS: usize = 2000;
@@ -296,63 +351,19 @@ async fn an_agent_killed_mid_sync_hands_its_requests_to_the_other_and_nothing_is
     let mut pair = Pair::start(&server, targets, USERS).await;
     let a_ini = pair.d.path("a.ini");
 
+    // The initial sync: b is killed a third of the way through the creates.
     let started = Instant::now();
     let run = pair.d.sync_async(APP);
-    let d = &pair.d;
-    let b = &mut pair.b;
-    let kill = async {
-        // A third of the way in, the next eight creates are held at the server's door for a
-        // moment: both agents then carry some of them for certain when b is killed.
-        wait_until("600 creates", Duration::from_secs(60), || async {
-            proxy.seen("POST", "/Users").len() >= 600
-        })
-        .await
-        .unwrap();
-        proxy.add(
-            Rule::new(Fault::Delay(Duration::from_millis(1500)))
-                .method("POST")
-                .path("/Users")
-                .times(8),
-        );
-        wait_until(
-            "agent b carrying held creates",
-            Duration::from_secs(10),
-            || async {
-                let held = proxy
-                    .seen("POST", "/Users")
-                    .iter()
-                    .filter(|s| s.fault.is_some())
-                    .count();
-                held == 8
-                    && agent(d, "b")
-                        .await
-                        .is_some_and(|b| b["in_flight"].as_u64() > Some(0))
-            },
-        )
-        .await
-        .unwrap();
-        let in_flight = agent(d, "b").await.unwrap()["in_flight"].clone();
-        let killed = Instant::now();
-        b.kill_now();
-        wait_until("agent b gone from the hub", Duration::from_secs(15), || async {
-            agent(d, "b").await.is_none()
-        })
-        .await
-        .unwrap();
-        let detected = killed.elapsed();
-        (killed, detected, in_flight)
-    };
+    let kill = kill_mid_run(&pair.d, &proxy, "POST", 600, "b", &mut pair.b);
     let ((code, out), (killed, detected, in_flight)) = tokio::join!(run, kill);
-    let total = started.elapsed();
-    let after_kill = killed.elapsed();
     println!("{out}");
     println!(
-        "2000 creates through a pair, b killed (SIGKILL) with {in_flight} in flight at {:.1} s: \
+        "{USERS} creates through a pair, b killed (SIGKILL) with {in_flight} in flight at {:.1} s: \
          out of the routing set after {} ms, run done {:.1} s after the kill, {:.1} s in all",
         (killed - started).as_secs_f64(),
         detected.as_millis(),
-        after_kill.as_secs_f64(),
-        total.as_secs_f64()
+        killed.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64()
     );
     assert_eq!(code, 0, "{out}\n{}", pair.logs());
     assert!(out.contains(&format!("created {USERS},")), "{out}");
@@ -364,7 +375,6 @@ async fn an_agent_killed_mid_sync_hands_its_requests_to_the_other_and_nothing_is
     // Exactly the desired users, none twice, although some creates landed late, after the
     // hub had already looked them up and sent them through a.
     assert_eq!(external_ids(&server).await, desired(USERS));
-
     let last = pair.d.app_status(APP).await["last_sync"].clone();
     assert_eq!(last["agents_lost"][0]["agent"], "b", "{last}");
     assert!(
@@ -376,6 +386,52 @@ async fn an_agent_killed_mid_sync_hands_its_requests_to_the_other_and_nothing_is
     assert_eq!(status["session"]["connected"], true, "{status}");
     assert!(pair.forwarded(&a_ini) > 0);
     assert_eq!(pair.names().await, BTreeSet::from(["a".to_string()]));
+
+    // b comes back; every user is renamed, and this time a is killed in the middle of the
+    // updates. Those are idempotent: a's are re-sent at once through b.
+    pair.b = pair.d.spawn_agent("agent-b-again", &pair.b_ini);
+    pair.wait_for_agents(&["a", "b"]).await;
+    let mut renamed = directory(USERS);
+    for u in renamed["users"].as_array_mut().unwrap() {
+        u["displayName"] = json!(format!("{} (renamed)", u["displayName"].as_str().unwrap()));
+    }
+    common::deploy::write_directory(&pair.d.path("directory.json"), &renamed);
+    proxy.clear();
+    proxy.reset_log();
+    let started = Instant::now();
+    let run = pair.d.sync_async(APP);
+    let kill = kill_mid_run(&pair.d, &proxy, "PATCH", 600, "a", &mut pair.a);
+    let ((code, out), (killed, detected, in_flight)) = tokio::join!(run, kill);
+    println!("{out}");
+    println!(
+        "{USERS} updates through a pair, a killed with {in_flight} in flight at {:.1} s: out of \
+         the routing set after {} ms, run done {:.1} s after the kill, {:.1} s in all",
+        (killed - started).as_secs_f64(),
+        detected.as_millis(),
+        killed.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(code, 0, "{out}\n{}", pair.logs());
+    assert!(out.contains(&format!("updated {USERS},")), "{out}");
+    assert!(out.contains("failed 0"), "{out}");
+    let last = pair.d.app_status(APP).await["last_sync"].clone();
+    assert_eq!(last["agents_lost"][0]["agent"], "a", "{last}");
+    let lost = last["agents_lost"][0]["requests"].as_u64().unwrap_or(0);
+    assert!(lost >= 1, "{last}");
+    assert_eq!(
+        last["rerouted"].as_u64(),
+        Some(lost),
+        "every update a carried was re-sent through b: {last}"
+    );
+    let users = server.all_users().await;
+    assert_eq!(users.len(), USERS);
+    assert!(
+        users
+            .iter()
+            .all(|u| u["displayName"].as_str().unwrap().ends_with("(renamed)")),
+        "every user renamed"
+    );
+    assert_eq!(external_ids(&server).await, desired(USERS));
 
     // Nothing left to do.
     let (code, out) = pair.d.sync_async(APP).await;
@@ -486,8 +542,7 @@ async fn a_hub_killed_mid_sync_records_the_run_as_interrupted_and_the_next_run_c
 }
 
 #[tokio::test]
-async fn a_scim_server_restarted_mid_sync_is_ridden_out_and_the_next_run_recreates_what_it_lost()
-{
+async fn a_scim_server_restarted_mid_sync_is_ridden_out_and_the_next_run_recreates_what_it_lost() {
     const USERS: usize = 300;
     let mut server = Scim2Server::start(Some(common::deploy::SCIM_TOKEN)).await;
     let proxy = FaultProxy::start(server.addr());

@@ -153,7 +153,11 @@ fn notify_watchers(state: &mut RegistryState, service: &str, targets: &[TargetIn
 fn route(state: &mut RegistryState, service: &str, request: TunnelRequest, reply: TunnelReply) {
     let (mut request, mut reply) = (request, reply);
     loop {
-        let (session_id, session, health) = match pick_agent(state, service, &request.target) {
+        let Chosen {
+            session_id,
+            session,
+            health,
+        } = match pick_agent(state, service, &request.target) {
             Ok(chosen) => chosen,
             Err((kind, reason)) => {
                 let _ = reply.send(Err(TransportError::NoConnector { kind, reason }));
@@ -191,12 +195,19 @@ fn forget(state: &mut RegistryState, service: &str, session_id: u64) -> bool {
     list.len() != before
 }
 
+/// The agent a request goes to.
+struct Chosen {
+    session_id: u64,
+    session: ActorRef<AgentSessionMsg>,
+    health: Arc<AgentHealth>,
+}
+
 /// Chooses an agent for a request, or says which of the "no connector" causes holds.
 fn pick_agent(
     state: &mut RegistryState,
     service: &str,
     target: &str,
-) -> Result<(u64, ActorRef<AgentSessionMsg>, Arc<AgentHealth>), (NoConnectorKind, String)> {
+) -> Result<Chosen, (NoConnectorKind, String)> {
     match state.book.is_enabled(service) {
         None => {
             return Err((
@@ -267,11 +278,11 @@ fn pick_agent(
         .collect();
     state.next_pick = state.next_pick.wrapping_add(1);
     let chosen = candidates[state.next_pick % candidates.len()];
-    Ok((
-        chosen.session_id,
-        chosen.session.clone(),
-        chosen.health.clone(),
-    ))
+    Ok(Chosen {
+        session_id: chosen.session_id,
+        session: chosen.session.clone(),
+        health: chosen.health.clone(),
+    })
 }
 
 fn agent_status(a: &AgentEntry, now: SystemTime) -> AgentStatus {
