@@ -231,7 +231,7 @@ impl Actor for AgentSession {
             AgentSessionMsg::Link(LinkEvent::Closed(why)) => {
                 info!(peer = %state.peer, service = %state.service, session = state.session_id, "agent tunnel closed: {why}");
                 state.unregister();
-                state.ended_because = Some(format!("its tunnel closed: {why}"));
+                state.ended_because = Some(format!("it disconnected: {why}"));
                 myself.stop(None);
             }
             AgentSessionMsg::Forward { request, reply, .. }
