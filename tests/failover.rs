@@ -66,24 +66,6 @@ fn app(server: &Scim2Server) -> App {
     app
 }
 
-/// The external ids on the server, asserting that no user is there twice (by externalId or by
-/// userName) and that every user has one.
-async fn external_ids(server: &Scim2Server) -> BTreeSet<String> {
-    let users = server.all_users().await;
-    let ids: Vec<String> = users
-        .iter()
-        .map(|u| u["externalId"].as_str().expect("externalId").to_string())
-        .collect();
-    let unique: BTreeSet<String> = ids.iter().cloned().collect();
-    assert_eq!(unique.len(), ids.len(), "a user exists twice");
-    let names: BTreeSet<String> = users
-        .iter()
-        .map(|u| u["userName"].as_str().unwrap().to_lowercase())
-        .collect();
-    assert_eq!(names.len(), users.len(), "a userName exists twice");
-    unique
-}
-
 /// The admin API's entry for agent `name` of `onprem`, if it is registered.
 async fn agent(d: &Deployment, name: &str) -> Option<Value> {
     d.agents("onprem")
@@ -194,7 +176,7 @@ async fn a_pair_shares_the_load_and_stops_routing_to_an_agent_that_goes_silent_o
     let (code, out) = pair.d.sync_async(APP).await;
     assert_eq!(code, 0, "{out}\n{}", pair.logs());
     assert!(out.contains(&format!("created {USERS},")), "{out}");
-    assert_eq!(external_ids(&server).await, desired(USERS));
+    assert_eq!(server.external_ids().await, desired(USERS));
 
     // Both agents carried the run, by their own count and by the hub's.
     let (by_a, by_b) = (pair.forwarded(&a_ini), pair.forwarded(&pair.b_ini));
@@ -274,12 +256,19 @@ async fn a_pair_shares_the_load_and_stops_routing_to_an_agent_that_goes_silent_o
 
     // Agent b stops (SIGTERM: it says goodbye): it leaves the routing set at once, and the
     // next run goes through a alone.
+    let stopping = Instant::now();
     pair.b.stop();
-    let left = Instant::now();
+    let exited = stopping.elapsed();
     pair.wait_for_agents(&["a"]).await;
+    let gone = stopping.elapsed();
     println!(
-        "agent b said goodbye: out of the routing set after {} ms",
-        left.elapsed().as_millis()
+        "agent b said goodbye: exited after {} ms, out of the routing set after {} ms",
+        exited.as_millis(),
+        gone.as_millis()
+    );
+    assert!(
+        gone < exited + Duration::from_secs(1),
+        "out of the routing set at once, not after a heartbeat timeout"
     );
     let before = pair.forwarded(&a_ini);
     let (code, out) = pair.d.sync_async(APP).await;
@@ -374,7 +363,7 @@ async fn an_agent_killed_mid_sync_hands_its_requests_to_the_other_and_nothing_is
     );
     // Exactly the desired users, none twice, although some creates landed late, after the
     // hub had already looked them up and sent them through a.
-    assert_eq!(external_ids(&server).await, desired(USERS));
+    assert_eq!(server.external_ids().await, desired(USERS));
     let last = pair.d.app_status(APP).await["last_sync"].clone();
     assert_eq!(last["agents_lost"][0]["agent"], "b", "{last}");
     assert!(
@@ -431,7 +420,7 @@ async fn an_agent_killed_mid_sync_hands_its_requests_to_the_other_and_nothing_is
             .all(|u| u["displayName"].as_str().unwrap().ends_with("(renamed)")),
         "every user renamed"
     );
-    assert_eq!(external_ids(&server).await, desired(USERS));
+    assert_eq!(server.external_ids().await, desired(USERS));
 
     // Nothing left to do.
     let (code, out) = pair.d.sync_async(APP).await;
@@ -482,7 +471,7 @@ async fn a_hub_killed_mid_sync_records_the_run_as_interrupted_and_the_next_run_c
         }
     );
     proxy.clear();
-    let created_before = external_ids(&server).await.len();
+    let created_before = server.external_ids().await.len();
     println!("users on the server when the hub died: {created_before}");
 
     let restarted = Instant::now();
@@ -529,7 +518,7 @@ async fn a_hub_killed_mid_sync_records_the_run_as_interrupted_and_the_next_run_c
     );
     assert_eq!(code, 0, "{out}\n{}", pair.logs());
     assert!(out.contains("failed 0"), "{out}");
-    assert_eq!(external_ids(&server).await, desired(USERS));
+    assert_eq!(server.external_ids().await, desired(USERS));
     // The exact desired state: a further run finds nothing to change.
     let (code, out) = pair.d.sync_async(APP).await;
     assert_eq!(code, 0, "{out}");
@@ -575,7 +564,7 @@ async fn a_scim_server_restarted_mid_sync_is_ridden_out_and_the_next_run_recreat
     // The requests that met the restart were retried, and the run went on after it.
     let first = d.app_status(APP).await["last_sync"].clone();
     assert!(first["retries"].as_u64() > Some(0), "{first}\n{}", d.logs());
-    let after_first = external_ids(&server).await;
+    let after_first = server.external_ids().await;
     assert!(
         !after_first.is_empty() && after_first.len() < USERS,
         "the server lost the first users: {} left (exit {code})",
@@ -589,7 +578,7 @@ async fn a_scim_server_restarted_mid_sync_is_ridden_out_and_the_next_run_recreat
     assert!(out.contains("failed 0"), "{out}");
     let missing = USERS - after_first.len();
     assert!(out.contains(&format!("created {missing},")), "{out}");
-    assert_eq!(external_ids(&server).await, desired(USERS));
+    assert_eq!(server.external_ids().await, desired(USERS));
     let (code, out) = d.sync_async(APP).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(&format!("unchanged {USERS},")), "{out}");

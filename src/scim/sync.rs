@@ -1749,7 +1749,10 @@ mod tests {
         // not find is reported, and the next run creates it.
         let (server, transport) = demo(None).await;
         let lossy = ScimClient::new(
-            Arc::new(LoseFirstGroupPost(transport.clone(), AtomicBool::new(false))),
+            Arc::new(LoseFirstGroupPost(
+                transport.clone(),
+                AtomicBool::new(false),
+            )),
             server.base_path().into(),
             None,
             100,

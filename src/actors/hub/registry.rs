@@ -400,28 +400,36 @@ mod tests {
             (health, session)
         }
 
+        /// Routes one request; its answer comes to the receiver returned.
+        fn send(
+            &self,
+        ) -> ractor::concurrency::OneshotReceiver<Result<HttpResponse, TransportError>> {
+            let (tx, rx) = oneshot();
+            self.registry
+                .cast(RegistryMsg::Route {
+                    service: "onprem".into(),
+                    request: TunnelRequest {
+                        target: "crm".into(),
+                        scheme: Scheme::Http,
+                        host: "crm.example".into(),
+                        method: "GET".into(),
+                        path_and_query: "/v2/Users".into(),
+                        headers: vec![],
+                        body: vec![],
+                        skip_tls_verify: false,
+                        timeout: Duration::from_secs(5),
+                    },
+                    reply: RpcReplyPort::from(tx),
+                })
+                .unwrap();
+            rx
+        }
+
         /// Routes `n` requests; they are handed out (tickets taken) once this returns.
         async fn route(&mut self, n: usize) -> Vec<ServiceStatus> {
             for _ in 0..n {
-                let (tx, rx) = oneshot();
+                let rx = self.send();
                 self.answers.push(rx);
-                self.registry
-                    .cast(RegistryMsg::Route {
-                        service: "onprem".into(),
-                        request: TunnelRequest {
-                            target: "crm".into(),
-                            scheme: Scheme::Http,
-                            host: "crm.example".into(),
-                            method: "GET".into(),
-                            path_and_query: "/v2/Users".into(),
-                            headers: vec![],
-                            body: vec![],
-                            skip_tls_verify: false,
-                            timeout: Duration::from_secs(5),
-                        },
-                        reply: RpcReplyPort::from(tx),
-                    })
-                    .unwrap();
             }
             self.snapshot().await
         }
@@ -507,25 +515,7 @@ mod tests {
         let stale = SystemTime::now() - SILENT_AFTER - Duration::from_secs(1);
         a.heard(stale);
         b.heard(stale);
-        let (tx, rx) = oneshot();
-        rig.registry
-            .cast(RegistryMsg::Route {
-                service: "onprem".into(),
-                request: TunnelRequest {
-                    target: "crm".into(),
-                    scheme: Scheme::Http,
-                    host: "crm.example".into(),
-                    method: "GET".into(),
-                    path_and_query: "/v2/Users".into(),
-                    headers: vec![],
-                    body: vec![],
-                    skip_tls_verify: false,
-                    timeout: Duration::from_secs(5),
-                },
-                reply: RpcReplyPort::from(tx),
-            })
-            .unwrap();
-        match rx.await.unwrap() {
+        match rig.send().await.unwrap() {
             Err(TransportError::NoConnector { kind, reason }) => {
                 assert_eq!(kind, NoConnectorKind::NoAgent, "it may pass: retried");
                 assert!(reason.contains("missed heartbeats"), "{reason}");
