@@ -246,6 +246,11 @@ async fn a_pair_shares_the_load_and_stops_routing_to_an_agent_that_goes_silent_o
     assert_eq!(code, 0, "{out}\n{}", pair.logs());
     assert!(out.contains(&format!("updated {USERS},")), "{out}");
     assert!(out.contains("failed 0"), "{out}");
+    // Nothing was sent to the frozen agent, so nothing had to be taken back from it when the
+    // hub finally dropped its session.
+    let last = pair.d.app_status(APP).await["last_sync"].clone();
+    assert!(last.get("agents_lost").is_none(), "{last}");
+    assert_eq!(last["retries"], 0, "{last}");
     // b may have been dropped and come back meanwhile; either way it forwarded none of them.
     pair.wait_for_agents(&["a", "b"]).await;
     assert_eq!(
