@@ -247,16 +247,17 @@ impl Actor for AgentSession {
                 reply,
                 ticket,
             } => {
-                let Some(link) = state.link.as_ref() else {
+                let Some(link) = state.link.as_ref().filter(|l| !l.is_finished()) else {
+                    // The tunnel ended under it: the request is still whole, and unsent.
+                    info!(peer = %state.peer, session = state.session_id, "tunnel closed under a request; routing it elsewhere");
+                    state.unregister();
+                    drop(ticket);
                     state.reroute(request, reply);
                     return Ok(());
                 };
                 state.next_id += 1;
                 let id = state.next_id;
                 let timeout = request.timeout;
-                // Kept until the frame is accepted: a tunnel that closed under it leaves the
-                // request unsent, for another agent to carry.
-                let unsent = request.clone();
                 let frame = Frame::Request(ForwardRequest {
                     id,
                     target: request.target,
@@ -277,10 +278,15 @@ impl Actor for AgentSession {
                         id,
                     });
                 } else {
-                    info!(peer = %state.peer, session = state.session_id, "tunnel closed under a request; routing it elsewhere");
+                    // The writer ended between the check above and now: nothing was sent, but
+                    // the request is gone with the frame. Answered as lost, which the client
+                    // re-sends through another agent (or looks up first, for a create).
                     state.unregister();
-                    drop(ticket);
-                    state.reroute(unsent, reply);
+                    state.health.count_failed();
+                    let _ = reply.send(Err(TransportError::AgentLost {
+                        agent: state.agent_name.clone(),
+                        detail: "its tunnel closed as the request was sent".into(),
+                    }));
                 }
             }
             AgentSessionMsg::Expire { id } => {
