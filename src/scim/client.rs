@@ -53,6 +53,7 @@ pub struct ScimClient {
     pause_until: Mutex<Option<Instant>>,
     requests: AtomicUsize,
     retries: AtomicUsize,
+    reroutes: AtomicUsize,
 }
 
 impl fmt::Debug for ScimClient {
@@ -95,6 +96,7 @@ impl ScimClient {
             pause_until: Mutex::new(None),
             requests: AtomicUsize::new(0),
             retries: AtomicUsize::new(0),
+            reroutes: AtomicUsize::new(0),
         }
     }
 
@@ -124,6 +126,12 @@ impl ScimClient {
     /// How many of those requests were retries.
     pub fn retry_count(&self) -> usize {
         self.retries.load(Ordering::Relaxed)
+    }
+
+    /// How many of those retries re-sent a request whose agent was lost before it answered
+    /// (through another agent, when the service has one).
+    pub fn reroute_count(&self) -> usize {
+        self.reroutes.load(Ordering::Relaxed)
     }
 
     /// Every User the server holds, page by page until `totalResults` is reached.
@@ -428,6 +436,9 @@ impl ScimClient {
                 break result?;
             };
             self.retries.fetch_add(1, Ordering::Relaxed);
+            if verdict == Verdict::AgentLost {
+                self.reroutes.fetch_add(1, Ordering::Relaxed);
+            }
             tracing::warn!(
                 %method,
                 path,
@@ -1210,6 +1221,36 @@ pub(crate) mod tests {
             r.unwrap();
         }
         assert_eq!(t.max_in_flight.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_whose_agent_was_lost_is_rerouted_at_once_unless_it_is_a_create() {
+        let agent_lost = || {
+            Err(TransportError::AgentLost {
+                agent: "vm-02".into(),
+                detail: "its tunnel closed".into(),
+            })
+        };
+        let t = Scripted::new(vec![agent_lost()], json!({}));
+        let c = scripted_client(&t);
+        c.delete_user("u1").await.unwrap();
+        let sent = t.sent();
+        assert_eq!(sent.len(), 2);
+        assert_eq!(sent[1].2, sent[0].2, "no backoff before a re-route");
+        assert_eq!((c.retry_count(), c.reroute_count()), (1, 1));
+
+        let t = Scripted::new(vec![agent_lost()], json!({"id": "x", "userName": "a"}));
+        let c = scripted_client(&t);
+        let err = c
+            .create_user(&ScimUser {
+                user_name: "a".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(t.sent().len(), 1, "a create is the caller's to look up");
+        assert!(err.may_have_landed(), "{err:?}");
+        assert_eq!(c.reroute_count(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -75,7 +75,8 @@ impl ScimError {
         match self {
             ScimError::Status { status, .. } => (500..=599).contains(status),
             ScimError::Transport(TransportError::Timeout { .. })
-            | ScimError::Transport(TransportError::Tunnel { .. }) => true,
+            | ScimError::Transport(TransportError::Tunnel { .. })
+            | ScimError::Transport(TransportError::AgentLost { .. }) => true,
             ScimError::Transport(TransportError::Forward(f)) => matches!(
                 f,
                 ForwardError::ResponseTimeout { .. }
@@ -137,6 +138,11 @@ fn transport_diagnosis(t: &TransportError) -> String {
         TransportError::Tunnel { detail } => format!(
             "the tunnel to the agent was lost mid-request ({detail}): check the agent with \
              `connect status` on its VM; the next run retries"
+        ),
+        TransportError::AgentLost { agent, detail } => format!(
+            "the agent `{agent}` was lost before it answered ({detail}): check `connect status` \
+             on its VM; with a second agent of the service connected the run goes on through \
+             it, and the next run looks up whatever this request may have changed"
         ),
         TransportError::Timeout { after_ms } => format!(
             "no answer within {after_ms} ms: the SCIM server or the agent is too slow; check \
@@ -392,6 +398,17 @@ mod tests {
             d.contains("agent disconnected") && d.contains("connect status"),
             "{d}"
         );
+        let lost = ScimError::Transport(TransportError::AgentLost {
+            agent: "vm-02".into(),
+            detail: "its tunnel closed".into(),
+        });
+        let d = lost.diagnosis();
+        assert!(
+            d.starts_with("the agent `vm-02` was lost before it answered (its tunnel closed)"),
+            "{d}"
+        );
+        assert!(lost.may_have_landed(), "a create must be looked up first");
+        assert!(!lost.is_systemic(), "the other agent carries on");
     }
 
     #[test]

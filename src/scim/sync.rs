@@ -111,6 +111,8 @@ pub struct SyncReport {
     pub requests: usize,
     /// Of those, retries of transient faults and throttled answers.
     pub retries: usize,
+    /// Of those retries, requests sent again after the agent carrying them was lost.
+    pub rerouted: usize,
     /// Every planned operation and how it ended, in plan order.
     pub operations: Vec<ResourceOp>,
 }
@@ -281,6 +283,7 @@ pub async fn sync(
 ) -> Result<SyncReport, SyncError> {
     let before = client.request_count();
     let retries_before = client.retry_count();
+    let reroutes_before = client.reroute_count();
     let current_users = client.list_users().await?;
     // Groups are listed only when there is something to do with them: apps that only grant
     // users cost no extra request, and apps without Groups keep working.
@@ -378,6 +381,7 @@ pub async fn sync(
     report.failed = report.operations.iter().filter(|o| !o.succeeded()).count();
     report.requests = client.request_count().saturating_sub(before);
     report.retries = client.retry_count().saturating_sub(retries_before);
+    report.rerouted = client.reroute_count().saturating_sub(reroutes_before);
     tracing::info!(
         created = report.created,
         updated = report.updated,
@@ -393,6 +397,7 @@ pub async fn sync(
         failed = report.failed,
         requests = report.requests,
         retries = report.retries,
+        rerouted = report.rerouted,
         "sync finished"
     );
     Ok(report)
@@ -1945,6 +1950,65 @@ mod tests {
         assert_eq!(adopted.external_id.as_deref(), Some("g-c"));
         assert_eq!(groups_of(&server)["Gamma"], exts(0..2));
         assert_eq!(server.group_count(), 3);
+        server.shutdown().await;
+    }
+
+    /// Loses the first group POST with its agent before it reaches the server.
+    struct LoseFirstGroupPost(Arc<dyn Transport>, AtomicBool);
+
+    impl Transport for LoseFirstGroupPost {
+        fn send(
+            &self,
+            request: ScimRequest,
+        ) -> BoxFuture<'_, Result<ScimResponse, TransportError>> {
+            Box::pin(async move {
+                let group_post = request.method == http::Method::POST
+                    && request.path_and_query.ends_with("/Groups");
+                if group_post && !self.1.swap(true, Ordering::SeqCst) {
+                    return Err(TransportError::AgentLost {
+                        agent: "vm-02".into(),
+                        detail: "it disconnected".into(),
+                    });
+                }
+                self.0.send(request).await
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_group_create_lost_with_its_agent_is_looked_up_never_sent_twice() {
+        // Group names are not unique on every server: a POST sent again could meet the first
+        // one landing late and make two groups. So a lost group create that the lookup does
+        // not find is reported, and the next run creates it.
+        let (server, transport) = demo(None).await;
+        let lossy = ScimClient::new(
+            Arc::new(LoseFirstGroupPost(
+                transport.clone(),
+                AtomicBool::new(false),
+            )),
+            server.base_path().into(),
+            None,
+            100,
+        );
+        let users: Vec<DesiredUser> = (0..3).map(desired).collect();
+        let groups = [group("g-a", "Alpha", 0..3)];
+        let opts = options(DeprovisionMode::Delete, 100);
+        let run = sync(&lossy, &users, &groups, &Managed::default(), &opts)
+            .await
+            .unwrap();
+        assert_eq!((run.created, run.groups.created, run.failed), (3, 0, 1));
+        let diagnosis = run.first_error.as_ref().unwrap().diagnosis();
+        assert!(
+            diagnosis.starts_with("the agent `vm-02` was lost before it answered"),
+            "{diagnosis}"
+        );
+        assert_eq!(server.group_count(), 0, "not sent again");
+        let again = sync(&lossy, &users, &groups, &run.managed_after, &opts)
+            .await
+            .unwrap();
+        assert_eq!((again.groups.created, again.failed), (1, 0));
+        assert_eq!(server.group_count(), 1);
+        assert_eq!(groups_of(&server)["Alpha"], exts(0..3));
         server.shutdown().await;
     }
 

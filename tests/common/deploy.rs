@@ -492,6 +492,28 @@ impl Deployment {
         self.connect_with_hub_config(&["sync", app])
     }
 
+    /// [`Deployment::sync`] without blocking the test's runtime, so that the test can act
+    /// while the run goes on (kill an agent, restart the hub or the SCIM server). The command
+    /// starts when the future is first polled; the future does not borrow the deployment.
+    pub fn sync_async(
+        &self,
+        app: &str,
+    ) -> impl std::future::Future<Output = (i32, String)> + Send + 'static {
+        let mut cmd = tokio::process::Command::new(connect_bin());
+        cmd.args(["sync", app, "--config"])
+            .arg(self.path("hub.toml"))
+            .kill_on_drop(true);
+        async move {
+            let out = cmd.output().await.expect("run connect sync");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (out.status.code().unwrap_or(-1), text)
+        }
+    }
+
     /// Hub and default agent output, for failure messages.
     pub fn logs(&self) -> String {
         let agent = self
@@ -528,9 +550,9 @@ impl Deployment {
         format!("http://{}/api/apps/{app}/scim", self.admin_addr())
     }
 
-    /// The connected agents (session ids) of `service` that advertise `target`, as the admin
-    /// API lists them; empty when the hub does not answer.
-    pub async fn agents_with_target(&self, service: &str, target: &str) -> Vec<u64> {
+    /// The connected agents of `service` as the admin API lists them (name, health, requests
+    /// in flight, targets...); empty when the hub does not answer.
+    pub async fn agents(&self, service: &str) -> Vec<Value> {
         let auth = format!("Bearer {ADMIN_TOKEN}");
         let Ok(resp) = http_request(
             self.admin_addr(),
@@ -550,6 +572,15 @@ impl Deployment {
             .flatten()
             .filter(|s| s["name"] == service)
             .flat_map(|s| s["agents"].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+
+    /// The connected agents (session ids) of `service` that advertise `target`, as the admin
+    /// API lists them; empty when the hub does not answer.
+    pub async fn agents_with_target(&self, service: &str, target: &str) -> Vec<u64> {
+        self.agents(service)
+            .await
+            .into_iter()
             .filter(|a| {
                 a["targets"]
                     .as_array()

@@ -607,6 +607,44 @@ impl Scim2Server {
         list["Resources"].as_array().cloned().unwrap_or_default()
     }
 
+    /// Every User the server holds, page by page (1000 at a time), however many there are.
+    pub async fn all_users(&self) -> Vec<serde_json::Value> {
+        let mut users = Vec::new();
+        loop {
+            let page = self
+                .get_json(&format!("/Users?startIndex={}&count=1000", users.len() + 1))
+                .await;
+            let resources = page["Resources"].as_array().cloned().unwrap_or_default();
+            let total = page["totalResults"].as_u64().unwrap_or(0) as usize;
+            if resources.is_empty() {
+                break;
+            }
+            users.extend(resources);
+            if users.len() >= total {
+                break;
+            }
+        }
+        users
+    }
+
+    /// The externalIds of every User the server holds, asserting that none is there twice (by
+    /// externalId or by userName) and that each has one.
+    pub async fn external_ids(&self) -> std::collections::BTreeSet<String> {
+        let users = self.all_users().await;
+        let ids: Vec<String> = users
+            .iter()
+            .map(|u| u["externalId"].as_str().expect("externalId").to_string())
+            .collect();
+        let unique: std::collections::BTreeSet<String> = ids.iter().cloned().collect();
+        assert_eq!(unique.len(), ids.len(), "a user exists twice");
+        let names: std::collections::BTreeSet<String> = users
+            .iter()
+            .map(|u| u["userName"].as_str().unwrap().to_lowercase())
+            .collect();
+        assert_eq!(names.len(), users.len(), "a userName exists twice");
+        unique
+    }
+
     /// `POST /v2<path>` with `body`, asserting 201 Created; returns the created resource.
     pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> serde_json::Value {
         self.endpoint()

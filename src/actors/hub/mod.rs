@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod agent_session;
 pub mod gateway;
+pub mod health;
 pub mod reconciler;
 pub mod registry;
 pub mod services;
@@ -129,6 +130,15 @@ pub async fn start(config: &HubConfig, options: HubOptions) -> Result<HubHandle,
     let agent_addr = agent_listener.local_addr().unwrap_or(config.listen);
     let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.listen);
     let store = Arc::new(Store::open(&config.state_dir)?);
+    // Runs still "running" belong to a hub process that is gone: it stopped or crashed during
+    // them. They are kept, as interrupted.
+    let interrupted = store.interrupt_unfinished(reconciler::INTERRUPTED)?;
+    if interrupted > 0 {
+        tracing::warn!(
+            runs = interrupted,
+            "runs the previous hub never finished are recorded as interrupted"
+        );
+    }
     let book = ServiceBook::new(&config.services);
     let book_for_admin = book.clone();
 
