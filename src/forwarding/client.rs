@@ -5,6 +5,11 @@
 //! target's declaration; the request only supplies the `Host` header and the TLS server name.
 //! It must never resend a request that may have reached the target, except the idempotent
 //! methods after a reused connection turned out dead.
+//!
+//! A response is read frame by frame into one buffer and refused the moment it passes the size
+//! limit, so a target streaming an endless body costs at most the limit. Bodies past a small
+//! size share a few agent-wide [`LargeBodies`] slots, so many targets (or many requests) all
+//! answering huge bodies at once cannot multiply that cost by the number of requests in flight.
 
 use std::error::Error as StdError;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -14,20 +19,22 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::{Method, Response};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use super::request::{self, Prepared};
 use super::tls::{self, SkipContext, TlsConfigs, TlsSetupError};
-use crate::messages::agent::{DialerLimits, TargetSpec, TargetTls};
+use crate::messages::agent::{
+    DialerLimits, TargetSpec, TargetTls, MAX_RESPONSE_BODY_BYTES, MAX_RESPONSE_HEAD_BYTES,
+};
 use crate::messages::{ForwardError, ForwardRequest, HttpResponse, Scheme};
 
 /// Used when a request carries `timeout_ms == 0`.
@@ -112,11 +119,38 @@ const PHASE_WAITING: u8 = 0;
 const PHASE_CONNECTING: u8 = 1;
 const PHASE_EXCHANGING: u8 = 2;
 
+/// The agent-wide allowance for large response bodies: any body may grow to
+/// `unreserved` bytes freely; reading past that waits for one of a few slots shared by every
+/// target. Cheap to clone; clones share the slots.
+#[derive(Debug, Clone)]
+pub struct LargeBodies {
+    slots: Arc<Semaphore>,
+    unreserved: usize,
+}
+
+impl LargeBodies {
+    /// The slots `limits` asks for ([`DialerLimits::large_bodies`], at least one).
+    pub fn new(limits: &DialerLimits) -> LargeBodies {
+        LargeBodies {
+            slots: Arc::new(Semaphore::new(limits.large_bodies.max(1))),
+            unreserved: limits.unreserved_body_bytes,
+        }
+    }
+
+    /// Slots free right now.
+    pub fn available(&self) -> usize {
+        self.slots.available_permits()
+    }
+}
+
 /// The client of one declared target. Shared (behind an `Arc`) by all forwards in flight.
 pub struct TargetClient {
     spec: TargetSpec,
     limits: DialerLimits,
+    /// The response body limit in force: the configured one, lowered to what fits in a frame.
+    body_limit: usize,
     permits: Arc<Semaphore>,
+    large_bodies: LargeBodies,
     pool: Arc<Pool>,
     tls: TlsConfigs,
 }
@@ -153,11 +187,12 @@ fn is_idempotent(method: &Method) -> bool {
 impl TargetClient {
     /// A client for `spec`. `permits` bounds the requests in flight; pass the same semaphore
     /// to the client that replaces this one after a configuration change, so the bound holds
-    /// across the change.
+    /// across the change. `large_bodies` is shared by every target of the agent.
     pub fn new(
         spec: TargetSpec,
         limits: DialerLimits,
         permits: Arc<Semaphore>,
+        large_bodies: LargeBodies,
     ) -> Result<Self, TlsSetupError> {
         let tls = TlsConfigs::new(&spec.name, spec.extra_roots.clone())?;
         Ok(TargetClient {
@@ -165,9 +200,11 @@ impl TargetClient {
                 max_idle: limits.max_idle_per_target,
                 idle: Mutex::new(Vec::new()),
             }),
+            body_limit: limits.max_response_bytes.min(MAX_RESPONSE_BODY_BYTES),
             spec,
             limits,
             permits,
+            large_bodies,
             tls,
         })
     }
@@ -456,6 +493,7 @@ impl TargetClient {
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(MAX_RESPONSE_HEAD_BYTES)
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| self.network(&e))?;
@@ -468,8 +506,9 @@ impl TargetClient {
         Ok(sender)
     }
 
-    /// Reads the whole body within the size limit, then hands the connection back to the pool
-    /// once it can carry another request.
+    /// Reads the body frame by frame within the size limit, then hands the connection back to
+    /// the pool once it can carry another request. A declared length over the limit is refused
+    /// before any byte of the body is read; an undeclared one the moment it passes the limit.
     async fn read_response(
         &self,
         id: u64,
@@ -477,41 +516,40 @@ impl TargetClient {
         sender: Sender,
         key: ConnKey,
     ) -> Result<HttpResponse, ForwardError> {
-        let limit = self.limits.max_response_bytes;
-        let too_large = || ForwardError::TooLarge {
-            addr: self.spec.addr.clone(),
-            limit: limit as u64,
-        };
-        let (parts, body) = response.into_parts();
+        let (parts, mut body) = response.into_parts();
         let declared = parts
             .headers
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        if declared.is_some_and(|len| len > limit as u64) {
+        let mut buffer = BodyBuffer::new(self.body_limit, &self.large_bodies);
+        if let Some(len) = declared {
             // Dropping the unread body makes hyper close this connection.
-            return Err(too_large());
+            buffer.expect(len).await.map_err(|_| self.too_large())?;
         }
-        let body = Limited::new(body, limit)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.downcast_ref::<LengthLimitError>().is_some() {
-                    too_large()
-                } else {
-                    ForwardError::Network {
-                        addr: self.spec.addr.clone(),
-                        detail: format!("response body interrupted: {}", chain(e.as_ref())),
-                    }
-                }
-            })?
-            .to_bytes();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ForwardError::Network {
+                addr: self.spec.addr.clone(),
+                detail: format!("response body interrupted: {}", chain(&e)),
+            })?;
+            // Trailers carry nothing the hub reads.
+            if let Ok(data) = frame.into_data() {
+                buffer.push(&data).await.map_err(|_| self.too_large())?;
+            }
+        }
         self.release(id, sender, key);
         Ok(HttpResponse {
             status: parts.status.as_u16(),
             headers: request::response_headers(&parts.headers),
-            body: body.to_vec(),
+            body: buffer.into_bytes(),
         })
+    }
+
+    fn too_large(&self) -> ForwardError {
+        ForwardError::TooLarge {
+            addr: self.spec.addr.clone(),
+            limit: self.body_limit as u64,
+        }
     }
 
     fn release(&self, id: u64, mut sender: Sender, key: ConnKey) {
@@ -531,6 +569,69 @@ impl TargetClient {
                 _ => tracing::trace!(request_id = id, "connection not reusable"),
             }
         });
+    }
+}
+
+/// The body passed the limit.
+struct OverLimit;
+
+/// A response body being read: one buffer that never grows past the limit, and the large-body
+/// slot it holds once it is past the unreserved size.
+struct BodyBuffer<'a> {
+    bytes: Vec<u8>,
+    limit: usize,
+    large_bodies: &'a LargeBodies,
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+impl<'a> BodyBuffer<'a> {
+    fn new(limit: usize, large_bodies: &'a LargeBodies) -> Self {
+        BodyBuffer {
+            bytes: Vec::new(),
+            limit,
+            large_bodies,
+            slot: None,
+        }
+    }
+
+    /// The target declared `len` bytes: refuse at once when over the limit, otherwise take a
+    /// slot first if the body will need one, and reserve its size.
+    async fn expect(&mut self, len: u64) -> Result<(), OverLimit> {
+        let len = usize::try_from(len).map_err(|_| OverLimit)?;
+        if len > self.limit {
+            return Err(OverLimit);
+        }
+        self.make_room(len).await;
+        self.bytes.reserve_exact(len);
+        Ok(())
+    }
+
+    /// Appends one frame of the body, waiting for a large-body slot when it first grows past
+    /// the unreserved size.
+    async fn push(&mut self, data: &[u8]) -> Result<(), OverLimit> {
+        let len = self.bytes.len() + data.len();
+        if len > self.limit {
+            return Err(OverLimit);
+        }
+        self.make_room(len).await;
+        if len > self.bytes.capacity() {
+            // Grow geometrically, but never past the limit.
+            let target = (self.bytes.capacity() * 2).clamp(len, self.limit);
+            self.bytes.reserve_exact(target - self.bytes.len());
+        }
+        self.bytes.extend_from_slice(data);
+        Ok(())
+    }
+
+    async fn make_room(&mut self, len: usize) {
+        if len > self.large_bodies.unreserved && self.slot.is_none() {
+            // The semaphore is never closed; waiting here is bounded by the request's timeout.
+            self.slot = self.large_bodies.slots.clone().acquire_owned().await.ok();
+        }
+    }
+
+    fn into_bytes(self) -> Vec<u8> {
+        self.bytes
     }
 }
 

@@ -14,7 +14,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::{debug, info, warn};
 
 use crate::actors::key_exchange::{KeyExchange, KeyExchangeArgs, KeyExchangeMsg, Role};
-use crate::messages::hub::{AgentEntry, AgentSessionMsg, RegistryMsg, TunnelReply};
+use crate::messages::hub::{AgentEntry, AgentSessionMsg, GatewayMsg, RegistryMsg, TunnelReply};
 use crate::messages::liveness::{self, CHECK_EVERY, DEAD_AFTER, PING_EVERY};
 use crate::messages::{ForwardRequest, Frame, LinkEvent, PROTOCOL_VERSION};
 use crate::net::link::Link;
@@ -37,6 +37,8 @@ pub struct AgentSessionArgs {
     pub peer: String,
     pub session_id: u64,
     pub registry: ActorRef<RegistryMsg>,
+    /// Told the agent's instance at hello, so it can drop a stale session of the same agent.
+    pub gateway: ActorRef<GatewayMsg>,
 }
 
 /// The AgentSession actor.
@@ -48,6 +50,7 @@ pub struct AgentSessionState {
     peer: String,
     session_id: u64,
     registry: ActorRef<RegistryMsg>,
+    gateway: ActorRef<GatewayMsg>,
     link: Option<Link>,
     registered: bool,
     /// The agent said goodbye: it gets no new request, and the session ends once the requests
@@ -89,6 +92,7 @@ impl Actor for AgentSession {
             peer: args.peer,
             session_id: args.session_id,
             registry: args.registry,
+            gateway: args.gateway,
             link: None,
             registered: false,
             draining: false,
@@ -287,6 +291,7 @@ impl AgentSession {
             Frame::Hello {
                 version,
                 agent_name,
+                instance,
                 targets,
             } => {
                 if version != PROTOCOL_VERSION {
@@ -300,6 +305,10 @@ impl AgentSession {
                 if state.registered || state.draining {
                     return;
                 }
+                let _ = state.gateway.cast(GatewayMsg::Identified {
+                    session_id: state.session_id,
+                    instance,
+                });
                 let _ = state.registry.cast(RegistryMsg::Register {
                     service: state.service.clone(),
                     agent: AgentEntry {
