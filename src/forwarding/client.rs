@@ -25,7 +25,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
@@ -47,7 +47,63 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
 /// How long a finished connection may take to become ready again before it is given up.
 const READY_GRACE: Duration = Duration::from_secs(5);
 
-type Sender = SendRequest<Full<Bytes>>;
+/// One HTTP/1.1 connection to the target: its request handle, and a signal that fires once its
+/// socket is closed.
+struct Conn {
+    send: SendRequest<Full<Bytes>>,
+    gone: watch::Receiver<()>,
+}
+
+impl Conn {
+    fn is_closed(&self) -> bool {
+        self.send.is_closed()
+    }
+
+    fn is_ready(&self) -> bool {
+        self.send.is_ready()
+    }
+}
+
+/// A request's place among the target's `max_in_flight`. It is given back when the request
+/// ends, except when the request leaves behind a connection that is still closing (it timed
+/// out, was cancelled, or was refused mid-body): then only once that connection's socket is
+/// closed, so that the target never sees more of our connections in use than the bound.
+struct InFlightSlot {
+    permit: Option<OwnedSemaphorePermit>,
+    /// The connection the request is using, until the exchange on it completed.
+    conn: Option<watch::Receiver<()>>,
+}
+
+impl InFlightSlot {
+    fn on(&mut self, conn: &Conn) {
+        self.conn = Some(conn.gone.clone());
+    }
+
+    /// The exchange completed: the connection is reused or closed in order.
+    fn off(&mut self) {
+        self.conn = None;
+    }
+}
+
+impl Drop for InFlightSlot {
+    fn drop(&mut self) {
+        let (Some(permit), Some(mut gone)) = (self.permit.take(), self.conn.take()) else {
+            return;
+        };
+        if gone.has_changed().is_err() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            // The connection's task closes the socket as soon as it sees the exchange given
+            // up; the grace only guards against one that never ends.
+            let _ = tokio::time::timeout(READY_GRACE, gone.changed()).await;
+            drop(permit);
+        });
+    }
+}
 
 /// What a connection was opened for: a connection is reused only for requests that would
 /// have opened the same one.
@@ -62,7 +118,7 @@ enum ConnKey {
 
 struct Idle {
     key: ConnKey,
-    sender: Sender,
+    conn: Conn,
     since: Instant,
 }
 
@@ -83,27 +139,27 @@ impl Pool {
 
     /// The most recently used live connection for `key`, if any. Dead and stale ones found
     /// on the way are dropped.
-    fn checkout(&self, key: &ConnKey) -> Option<Sender> {
+    fn checkout(&self, key: &ConnKey) -> Option<Conn> {
         let mut idle = self.lock();
-        idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE_TIMEOUT);
+        idle.retain(|c| !c.conn.is_closed() && c.since.elapsed() < IDLE_TIMEOUT);
         let position = idle
             .iter()
-            .rposition(|c| &c.key == key && c.sender.is_ready())?;
-        Some(idle.remove(position).sender)
+            .rposition(|c| &c.key == key && c.conn.is_ready())?;
+        Some(idle.remove(position).conn)
     }
 
-    fn put(&self, key: ConnKey, sender: Sender) {
-        if self.max_idle == 0 || sender.is_closed() {
+    fn put(&self, key: ConnKey, conn: Conn) {
+        if self.max_idle == 0 || conn.is_closed() {
             return;
         }
         let mut idle = self.lock();
-        idle.retain(|c| !c.sender.is_closed());
+        idle.retain(|c| !c.conn.is_closed());
         if idle.len() >= self.max_idle {
             idle.remove(0);
         }
         idle.push(Idle {
             key,
-            sender,
+            conn,
             since: Instant::now(),
         });
     }
@@ -282,19 +338,25 @@ impl TargetClient {
         phase: &AtomicU8,
     ) -> Result<HttpResponse, ForwardError> {
         let id = req.id;
-        let _permit = self
+        let permit = self
             .permits
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| ForwardError::ShuttingDown)?;
+        let mut slot = InFlightSlot {
+            permit: Some(permit),
+            conn: None,
+        };
 
         let mut request = prepared.to_request();
         phase.store(PHASE_EXCHANGING, Ordering::Relaxed);
-        while let Some(mut sender) = self.pool.checkout(&key) {
-            match sender.try_send_request(request).await {
+        while let Some(mut conn) = self.pool.checkout(&key) {
+            slot.on(&conn);
+            match conn.send.try_send_request(request).await {
                 Ok(response) => {
                     tracing::debug!(request_id = id, target_name = %self.spec.name, "sent on a reused connection");
-                    return self.read_response(id, response, sender, key).await;
+                    return self.read_response(id, response, conn, key, &mut slot).await;
                 }
                 Err(mut failed) => match failed.take_message() {
                     Some(unsent) => {
@@ -323,10 +385,11 @@ impl TargetClient {
 
         phase.store(PHASE_CONNECTING, Ordering::Relaxed);
         let first_bytes = Arc::new(FirstBytes::default());
-        let mut sender = self.connect(req, &key, &first_bytes).await?;
+        let mut conn = self.connect(req, &key, &first_bytes).await?;
+        slot.on(&conn);
         phase.store(PHASE_EXCHANGING, Ordering::Relaxed);
-        match sender.try_send_request(request).await {
-            Ok(response) => self.read_response(id, response, sender, key).await,
+        match conn.send.try_send_request(request).await {
+            Ok(response) => self.read_response(id, response, conn, key, &mut slot).await,
             Err(failed) => {
                 let error = failed.into_error();
                 match first_bytes.get() {
@@ -377,7 +440,7 @@ impl TargetClient {
         req: &ForwardRequest,
         key: &ConnKey,
         first_bytes: &Arc<FirstBytes>,
-    ) -> Result<Sender, ForwardError> {
+    ) -> Result<Conn, ForwardError> {
         let addr = &self.spec.addr;
         let connect_timeout = self.limits.connect_timeout;
         let started = Instant::now();
@@ -411,7 +474,7 @@ impl TargetClient {
             .map_err(|_| ForwardError::ConnectTimeout { addr: addr.clone() })??;
         stream.set_nodelay(true).map_err(|e| self.network(&e))?;
 
-        let sender = match key {
+        let conn = match key {
             ConnKey::Plain => {
                 self.handshake(Sniffing {
                     inner: stream,
@@ -461,7 +524,7 @@ impl TargetClient {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "opened connection to target"
         );
-        Ok(sender)
+        Ok(conn)
     }
 
     /// Tries each resolved address in turn. All refused → `ConnectRefused`; otherwise the last
@@ -488,22 +551,25 @@ impl TargetClient {
         }))
     }
 
-    async fn handshake<T>(&self, io: T) -> Result<Sender, ForwardError>
+    async fn handshake<T>(&self, io: T) -> Result<Conn, ForwardError>
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+        let (send, connection) = hyper::client::conn::http1::Builder::new()
             .max_buf_size(MAX_RESPONSE_HEAD_BYTES)
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| self.network(&e))?;
         let name = self.spec.name.clone();
+        let (closed, gone) = watch::channel(());
         tokio::spawn(async move {
+            // The connection owns the socket: once it is done, the socket is closed.
             if let Err(e) = connection.await {
                 tracing::debug!(target_name = %name, error = %chain(&e), "connection to target ended with an error");
             }
+            drop(closed);
         });
-        Ok(sender)
+        Ok(Conn { send, gone })
     }
 
     /// Reads the body frame by frame within the size limit, then hands the connection back to
@@ -513,8 +579,9 @@ impl TargetClient {
         &self,
         id: u64,
         response: Response<Incoming>,
-        sender: Sender,
+        conn: Conn,
         key: ConnKey,
+        slot: &mut InFlightSlot,
     ) -> Result<HttpResponse, ForwardError> {
         let (parts, mut body) = response.into_parts();
         let declared = parts
@@ -537,7 +604,8 @@ impl TargetClient {
                 buffer.push(&data).await.map_err(|_| self.too_large())?;
             }
         }
-        self.release(id, sender, key);
+        slot.off();
+        self.release(id, conn, key);
         Ok(HttpResponse {
             status: parts.status.as_u16(),
             headers: request::response_headers(&parts.headers),
@@ -552,20 +620,20 @@ impl TargetClient {
         }
     }
 
-    fn release(&self, id: u64, mut sender: Sender, key: ConnKey) {
-        if self.pool.max_idle == 0 || sender.is_closed() {
+    fn release(&self, id: u64, mut conn: Conn, key: ConnKey) {
+        if self.pool.max_idle == 0 || conn.is_closed() {
             return;
         }
-        if sender.is_ready() {
-            self.pool.put(key, sender);
+        if conn.is_ready() {
+            self.pool.put(key, conn);
             return;
         }
         // hyper marks the connection ready only after its task has finished the previous
         // exchange; wait for that in the background rather than delaying the answer.
         let pool = self.pool.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(READY_GRACE, sender.ready()).await {
-                Ok(Ok(())) => pool.put(key, sender),
+            match tokio::time::timeout(READY_GRACE, conn.send.ready()).await {
+                Ok(Ok(())) => pool.put(key, conn),
                 _ => tracing::trace!(request_id = id, "connection not reusable"),
             }
         });
