@@ -13,6 +13,7 @@ pub mod conformance;
 pub mod deploy;
 pub mod faults;
 pub mod peers;
+pub mod relay;
 pub mod scenarios;
 pub mod tinyproxy;
 pub mod tls_front;
