@@ -31,7 +31,8 @@ pub type TunnelReply = RpcReplyPort<Result<HttpResponse, TransportError>>;
 pub enum GatewayMsg {
     /// A websocket was accepted for a known, enabled service; start an AgentSession for it.
     Accepted {
-        ws: Ws,
+        /// Boxed: the websocket is large, and the other variants travel more often.
+        ws: Box<Ws>,
         service: String,
         psk: [u8; 32],
         prologue: Vec<u8>,

@@ -87,11 +87,13 @@ impl GatewayState {
             .map(|e| e.session_id)
             .max()
             .unwrap_or(session_id);
-        for entry in self.sessions.values() {
+        for entry in self.sessions.values_mut() {
             if entry.service == service
                 && entry.instance == Some(instance)
                 && entry.session_id != newest
             {
+                // It no longer stands for the agent (and is not stopped twice).
+                entry.instance = None;
                 info!(
                     service = %service,
                     session = entry.session_id,
@@ -204,7 +206,7 @@ impl Actor for Gateway {
         state.next_session += 1;
         let session_id = state.next_session;
         let args = AgentSessionArgs {
-            ws,
+            ws: *ws,
             service: service.clone(),
             psk,
             prologue,
@@ -323,7 +325,7 @@ async fn admit(
     let (service, prologue) = admitted.ok_or("websocket accepted without a service")?;
     info!(peer = %peer, service = %service.name, "agent connected, starting key exchange");
     Ok(GatewayMsg::Accepted {
-        ws,
+        ws: Box::new(ws),
         service: service.name,
         psk: service.psk,
         prologue,
@@ -335,4 +337,121 @@ fn reject(status: StatusCode) -> ErrorResponse {
     let mut response = ErrorResponse::new(None);
     *response.status_mut() = status;
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ractor::ActorStatus;
+
+    /// Stands in for an AgentSession or the Registry: handles (and forgets) every message, and
+    /// counts the registry's unregistrations.
+    struct Sink<M>(std::marker::PhantomData<fn() -> M>);
+
+    impl<M: ractor::Message> Actor for Sink<M> {
+        type Msg = M;
+        type State = Arc<AtomicUsize>;
+        type Arguments = Arc<AtomicUsize>;
+
+        async fn pre_start(
+            &self,
+            _myself: ActorRef<M>,
+            seen: Arc<AtomicUsize>,
+        ) -> Result<Self::State, ActorProcessingErr> {
+            Ok(seen)
+        }
+
+        async fn handle(
+            &self,
+            _myself: ActorRef<M>,
+            _message: M,
+            seen: &mut Self::State,
+        ) -> Result<(), ActorProcessingErr> {
+            seen.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    async fn sink<M: ractor::Message>(seen: &Arc<AtomicUsize>) -> ActorRef<M> {
+        Actor::spawn(None, Sink(std::marker::PhantomData), seen.clone())
+            .await
+            .unwrap()
+            .0
+    }
+
+    fn alive(session: &ActorRef<AgentSessionMsg>) -> bool {
+        !matches!(
+            session.get_status(),
+            ActorStatus::Stopping | ActorStatus::Stopped
+        )
+    }
+
+    async fn stopped(session: &ActorRef<AgentSessionMsg>) -> bool {
+        session
+            .get_cell()
+            .wait(Some(Duration::from_millis(200)))
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn only_the_newest_session_of_an_agent_instance_stays() {
+        let unregistered = Arc::new(AtomicUsize::new(0));
+        let mut state = GatewayState {
+            accept: tokio::spawn(async {}),
+            registry: sink(&unregistered).await,
+            next_session: 0,
+            sessions: HashMap::new(),
+            live_sessions: Arc::default(),
+        };
+        let ignored = Arc::new(AtomicUsize::new(0));
+        let mut refs = Vec::new();
+        // Sessions 1, 2 and 5 of `onprem`, 3 of `onprem` as another agent, 4 of `other`.
+        for (session_id, service) in [
+            (1, "onprem"),
+            (2, "onprem"),
+            (3, "onprem"),
+            (4, "other"),
+            (5, "onprem"),
+        ] {
+            let session: ActorRef<AgentSessionMsg> = sink(&ignored).await;
+            state.sessions.insert(
+                session.get_id(),
+                SessionEntry {
+                    service: service.into(),
+                    session_id,
+                    session: session.clone(),
+                    instance: None,
+                },
+            );
+            refs.push(session);
+        }
+        const A: u64 = 0xA;
+        const B: u64 = 0xB;
+
+        state.identified(1, A);
+        state.identified(3, B);
+        state.identified(4, A);
+        for session in &refs {
+            assert!(alive(session));
+        }
+
+        // Agent A dialed again: its first session goes, nobody else's.
+        state.identified(5, A);
+        assert!(stopped(&refs[0]).await, "session 1 is stale");
+        for kept in [1, 2, 3, 4] {
+            assert_eq!(
+                refs[kept].get_status(),
+                ActorStatus::Running,
+                "session {}",
+                kept + 1
+            );
+        }
+
+        // A hello that arrives late on an older connection loses to the newer session.
+        state.identified(2, A);
+        assert!(stopped(&refs[1]).await, "session 2 is older than session 5");
+        assert!(alive(&refs[4]));
+        assert_eq!(unregistered.load(Ordering::SeqCst), 2);
+    }
 }
