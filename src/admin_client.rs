@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::actors::hub::health::Health;
 use crate::config::Secret;
-use crate::messages::hub::{AppStatus, RunState, RunSummary, ServiceStatus, SyncOutcome};
+use crate::messages::hub::{
+    AppStatus, RunState, RunSummary, RuntimeStats, ServiceStatus, SyncOutcome,
+};
 use crate::scim::sync::GroupCounts;
 
 /// Why the admin API could not be used.
@@ -52,6 +54,10 @@ pub async fn sync_now(
 pub struct HubStatus {
     pub services: Vec<ServiceStatus>,
     pub apps: Vec<AppStatus>,
+    /// The hub process itself (sessions, tasks, memory); absent from hubs without
+    /// `GET /api/runtime`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimeStats>,
 }
 
 impl HubStatus {
@@ -67,7 +73,17 @@ impl HubStatus {
 pub async fn hub_status(addr: SocketAddr, token: &Secret) -> Result<HubStatus, AdminClientError> {
     let services = parse(&request(addr, token, "GET", "/api/services").await?)?;
     let apps = parse(&request(addr, token, "GET", "/api/apps").await?)?;
-    Ok(HubStatus { services, apps })
+    let runtime = match request(addr, token, "GET", "/api/runtime").await {
+        Ok(body) => Some(parse(&body)?),
+        // An older hub without the endpoint: show the rest.
+        Err(AdminClientError::Refused { status: 404, .. }) => None,
+        Err(e) => return Err(e),
+    };
+    Ok(HubStatus {
+        services,
+        apps,
+        runtime,
+    })
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, AdminClientError> {
@@ -246,7 +262,19 @@ pub fn describe_status(status: &HubStatus, now: SystemTime) -> String {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0);
-    let mut out = String::from("services\n");
+    let mut out = String::new();
+    if let Some(r) = &status.runtime {
+        let memory = r
+            .rss_bytes
+            .map(|b| format!(", {} MiB resident", b / (1024 * 1024)))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "hub: {} agent session(s), {} tasks{memory}",
+            r.agent_sessions, r.tasks
+        );
+    }
+    out.push_str("services\n");
     if status.services.is_empty() {
         out.push_str("  (none in hub.toml)\n");
     }
@@ -418,9 +446,15 @@ mod tests {
                     error: None,
                 },
             ],
+            runtime: Some(RuntimeStats {
+                agent_sessions: 2,
+                tasks: 42,
+                rss_bytes: Some(35 * 1024 * 1024 + 5),
+            }),
         };
         let text = describe_status(&status, now);
         for want in [
+            "hub: 2 agent session(s), 42 tasks, 35 MiB resident\nservices\n",
             "  onprem  on  2 agents connected",
             "    vm-1 from 127.0.0.1:5000, connected 2m 5s ago, targets crm-scim, wiki-scim; healthy, 3 in flight, 120 answered, 0 failed, round trip 1.5 ms",
             "    vm-2 from 127.0.0.1:5001, connected 1m 0s ago, targets crm-scim; SILENT (missed heartbeats, last heard 8s ago: routed nothing), 0 in flight, 0 answered, 1 failed\n",
@@ -473,6 +507,7 @@ mod tests {
                 last_sync: Some(interrupted),
                 error: None,
             }],
+            runtime: None,
         };
         let text = describe_status(&status, SystemTime::UNIX_EPOCH);
         assert!(text.contains("    last sync: INTERRUPTED"), "{text}");

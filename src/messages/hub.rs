@@ -33,12 +33,16 @@ pub type TunnelReply = RpcReplyPort<Result<HttpResponse, TransportError>>;
 pub enum GatewayMsg {
     /// A websocket was accepted for a known, enabled service; start an AgentSession for it.
     Accepted {
-        ws: Ws,
+        /// Boxed: the websocket is large, and the other variants travel more often.
+        ws: Box<Ws>,
         service: String,
         psk: [u8; 32],
         prologue: Vec<u8>,
         peer: String,
     },
+    /// Session `session_id` said hello as agent `instance` of its service: any older session of
+    /// the same instance is stale and goes at once.
+    Identified { session_id: u64, instance: u64 },
 }
 
 /// Messages of an AgentSession (one per connected agent).
@@ -237,6 +241,18 @@ impl RunSummary {
     pub fn deprovisioned(&self) -> usize {
         self.deactivated + self.deleted
     }
+}
+
+/// How the hub process itself is doing, for the admin API's `GET /api/runtime` and
+/// `connect hub status`: what a leak would make grow.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeStats {
+    /// Agent session actors alive, registered or not (one per agent connection).
+    pub agent_sessions: usize,
+    /// Tasks alive in the hub's async runtime.
+    pub tasks: usize,
+    /// Resident memory of the hub process, when the platform tells (Linux: VmRSS).
+    pub rss_bytes: Option<u64>,
 }
 
 /// One application in the admin API's `GET /api/apps`.

@@ -251,6 +251,7 @@ mod tests {
             Frame::Hello {
                 version: PROTOCOL_VERSION,
                 agent_name: "vm-01".into(),
+                instance: u64::MAX,
                 targets: targets.clone(),
             },
             Frame::Welcome {

@@ -336,9 +336,29 @@ impl Deployment {
         targets: &[Target],
         lines: &[String],
     ) -> PathBuf {
+        self.write_agent_config_dialing(
+            &self.hub_url(),
+            file,
+            service_id,
+            state_dir,
+            targets,
+            lines,
+        )
+    }
+
+    /// Like [`Deployment::write_agent_config`], for an agent that dials `hub_url` (e.g. a relay
+    /// in front of the hub, `wss://localhost:<port>/v1/connect`) instead of the hub itself.
+    pub fn write_agent_config_dialing(
+        &self,
+        hub_url: &str,
+        file: &str,
+        service_id: &str,
+        state_dir: &str,
+        targets: &[Target],
+        lines: &[String],
+    ) -> PathBuf {
         let mut ini = format!(
-            "# agent under test\nservice_id = {service_id}\nstate_dir = {state_dir}\nhub = {}\nhub_ca = ca.pem\n",
-            self.hub_url()
+            "# agent under test\nservice_id = {service_id}\nstate_dir = {state_dir}\nhub = {hub_url}\nhub_ca = ca.pem\n"
         );
         for line in lines {
             ini.push_str(line);
@@ -632,6 +652,13 @@ impl Deployment {
             .find(|a| a["name"] == app)
             .cloned()
             .unwrap_or_else(|| panic!("no app `{app}` in GET /api/apps: {apps}"))
+    }
+
+    /// The hub's `GET /api/runtime`: agent sessions alive, runtime tasks, resident bytes.
+    pub async fn runtime(&self) -> Value {
+        let resp = self.admin("GET", "/api/runtime", None).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        resp.json().unwrap()
     }
 
     /// `connect hub status [extra...] --config hub.toml`: exit code and stdout+stderr.

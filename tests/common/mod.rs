@@ -13,6 +13,7 @@ pub mod conformance;
 pub mod deploy;
 pub mod faults;
 pub mod peers;
+pub mod relay;
 pub mod scenarios;
 pub mod tinyproxy;
 pub mod tls_front;
@@ -316,6 +317,19 @@ pub async fn http_request(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> Result<HttpResponse, String> {
+    http_request_within(HTTP_TIMEOUT, addr, method, path_and_query, headers, body).await
+}
+
+/// [`http_request`] for an exchange that may take up to `limit` (e.g. one the server holds
+/// until a long deadline of its own).
+pub async fn http_request_within(
+    limit: Duration,
+    addr: SocketAddr,
+    method: &str,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Result<HttpResponse, String> {
     let exchange = async {
         let mut stream = TcpStream::connect(addr)
             .await
@@ -343,11 +357,9 @@ pub async fn http_request(
         parse_response(&raw, method.eq_ignore_ascii_case("HEAD"))
             .map_err(|e| format!("answer to {method} {path_and_query} from {addr}: {e}"))
     };
-    tokio::time::timeout(HTTP_TIMEOUT, exchange)
+    tokio::time::timeout(limit, exchange)
         .await
-        .map_err(|_| {
-            format!("{method} {path_and_query} to {addr}: no answer within {HTTP_TIMEOUT:?}")
-        })?
+        .map_err(|_| format!("{method} {path_and_query} to {addr}: no answer within {limit:?}"))?
 }
 
 /// Parses one raw HTTP/1.x answer. `head_request` says the request was HEAD, whose answer has no body

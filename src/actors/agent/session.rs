@@ -55,6 +55,8 @@ pub struct SessionArgs {
     pub lookup_hash: String,
     pub psk: [u8; 32],
     pub agent_name: String,
+    /// This agent process's instance id, sent in every hello (see `Frame::Hello`).
+    pub instance: u64,
     pub dialers: Dialers,
     /// How long requests in flight may take to finish once a shutdown began.
     pub drain_deadline: Duration,
@@ -342,6 +344,7 @@ impl Session {
         link.send(Frame::Hello {
             version: PROTOCOL_VERSION,
             agent_name: state.args.agent_name.clone(),
+            instance: state.args.instance,
             targets: state.args.dialers.targets(),
         });
         state.conn = Some(Connection {

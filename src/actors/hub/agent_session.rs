@@ -21,7 +21,9 @@ use tracing::{debug, info, warn};
 
 use super::health::{AgentHealth, InFlight};
 use crate::actors::key_exchange::{KeyExchange, KeyExchangeArgs, KeyExchangeMsg, Role};
-use crate::messages::hub::{AgentEntry, AgentSessionMsg, RegistryMsg, TunnelReply, TunnelRequest};
+use crate::messages::hub::{
+    AgentEntry, AgentSessionMsg, GatewayMsg, RegistryMsg, TunnelReply, TunnelRequest,
+};
 use crate::messages::liveness::{self, CHECK_EVERY, DEAD_AFTER, PING_EVERY};
 use crate::messages::{ForwardRequest, Frame, LinkEvent, PROTOCOL_VERSION};
 use crate::net::link::Link;
@@ -44,6 +46,8 @@ pub struct AgentSessionArgs {
     pub peer: String,
     pub session_id: u64,
     pub registry: ActorRef<RegistryMsg>,
+    /// Told the agent's instance at hello, so it can drop a stale session of the same agent.
+    pub gateway: ActorRef<GatewayMsg>,
 }
 
 /// The AgentSession actor.
@@ -55,6 +59,7 @@ pub struct AgentSessionState {
     peer: String,
     session_id: u64,
     registry: ActorRef<RegistryMsg>,
+    gateway: ActorRef<GatewayMsg>,
     link: Option<Link>,
     registered: bool,
     /// The agent said goodbye: it gets no new request, and the session ends once the requests
@@ -113,6 +118,7 @@ impl Actor for AgentSession {
             peer: args.peer.clone(),
             session_id: args.session_id,
             registry: args.registry,
+            gateway: args.gateway,
             link: None,
             registered: false,
             draining: false,
@@ -347,6 +353,7 @@ impl AgentSession {
             Frame::Hello {
                 version,
                 agent_name,
+                instance,
                 targets,
             } => {
                 if version != PROTOCOL_VERSION {
@@ -361,6 +368,10 @@ impl AgentSession {
                     return;
                 }
                 state.agent_name = agent_name.clone();
+                let _ = state.gateway.cast(GatewayMsg::Identified {
+                    session_id: state.session_id,
+                    instance,
+                });
                 let _ = state.registry.cast(RegistryMsg::Register {
                     service: state.service.clone(),
                     agent: AgentEntry {

@@ -14,6 +14,7 @@ pub mod tunnel_transport;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -169,6 +170,7 @@ pub async fn start(config: &HubConfig, options: HubOptions) -> Result<HubHandle,
     .await
     .map_err(spawn_err)?;
     registry.link(supervisor.get_cell());
+    let live_sessions = Arc::new(AtomicUsize::new(0));
     Actor::spawn_linked(
         None,
         Gateway,
@@ -177,6 +179,7 @@ pub async fn start(config: &HubConfig, options: HubOptions) -> Result<HubHandle,
             tls,
             book,
             registry: registry.clone(),
+            live_sessions: live_sessions.clone(),
         },
         supervisor.get_cell(),
     )
@@ -193,6 +196,7 @@ pub async fn start(config: &HubConfig, options: HubOptions) -> Result<HubHandle,
             book: book_for_admin,
             apps: config.apps.clone(),
             store: store.clone(),
+            live_sessions,
         },
         supervisor.get_cell(),
     )
