@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use super::dialer::Dialers;
 use crate::actors::key_exchange::{KeyExchange, KeyExchangeArgs, KeyExchangeMsg, Role};
+use crate::logging::untrusted;
 use crate::messages::agent::{SessionMsg, SessionStatus};
 use crate::messages::{ForwardResponse, Frame, LinkEvent, PROTOCOL_VERSION};
 use crate::net::link::Link;
@@ -321,7 +322,7 @@ impl Session {
                 self.lost(
                     myself,
                     state,
-                    format!("the hub closed the session: {reason}"),
+                    format!("the hub closed the session: {}", untrusted(&reason)),
                 );
             }
             Frame::Hello { .. } | Frame::Targets { .. } | Frame::Response(_) => {
@@ -391,7 +392,7 @@ async fn dial(hub: &HubEndpoint, lookup_hash: &str) -> Result<Ws, String> {
         SERVICE_HEADER,
         HeaderValue::from_str(lookup_hash).map_err(|e| e.to_string())?,
     );
-    let (ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::client_async(request, io))
+    let (ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::client_async_with_config(request, io, Some(crate::net::tunnel_ws_config())))
         .await
         .map_err(|_| format!("websocket upgrade with {addr} timed out"))?
         .map_err(|e| match e {
