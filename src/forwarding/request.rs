@@ -313,12 +313,19 @@ mod tests {
         let long = "X".repeat(1 << 20);
         let text = reason(prepare(&request(&long, "/Users", vec![])));
         assert!(text.len() < 200, "{} bytes", text.len());
-        let text = reason(prepare(&request("GET", "/Users", vec![("X\u{1b}[31m", b"1")])));
+        let text = reason(prepare(&request(
+            "GET",
+            "/Users",
+            vec![("X\u{1b}[31m", b"1")],
+        )));
         assert!(!text.contains('\u{1b}'), "{text:?}");
         let mut bad_host = request("GET", "/Users", vec![]);
         bad_host.host = "evil\texample".into();
         let text = reason(prepare(&bad_host));
-        assert!(!text.contains('\t') && text.contains("evil\\texample"), "{text:?}");
+        assert!(
+            !text.contains('\t') && text.contains("evil\\texample"),
+            "{text:?}"
+        );
     }
 
     #[test]

@@ -467,7 +467,12 @@ mod tests {
     fn the_small_tier_never_refuses_a_genuine_frame() {
         // The worst claimed-to-encoded ratio: one byte per element that claims 8 (an empty
         // name is a one-byte varint length read as a u64).
-        let targets = vec![TargetInfo { name: String::new() }; SMALL_FRAME_BYTES - 8];
+        let targets = vec![
+            TargetInfo {
+                name: String::new()
+            };
+            SMALL_FRAME_BYTES - 8
+        ];
         let frame = Frame::Targets { targets };
         let bytes = encode_frame(&frame).unwrap();
         assert!(bytes.len() <= SMALL_FRAME_BYTES, "{}", bytes.len());

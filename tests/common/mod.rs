@@ -11,6 +11,7 @@
 
 pub mod conformance;
 pub mod deploy;
+pub mod hostile;
 pub mod peers;
 pub mod scenarios;
 
