@@ -517,6 +517,37 @@ mod tests {
     }
 
     #[test]
+    fn committed_frame_seeds_decode() {
+        // The fuzz seeds are written by hand (fuzz/seeds/make_seeds.py); they must stay
+        // genuine frames, one of each variant.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/frame_decoder");
+        let mut variants = std::collections::HashSet::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.starts_with("frame-") {
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            let frame = decode_frame(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(
+                encode_frame(&frame).unwrap(),
+                bytes,
+                "{name} is not canonical"
+            );
+            variants.insert(std::mem::discriminant(&frame));
+        }
+        assert_eq!(
+            variants.len(),
+            every_variant()
+                .iter()
+                .map(std::mem::discriminant)
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+        );
+    }
+
+    #[test]
     fn trailing_bytes_are_refused() {
         let mut bytes = encode_frame(&Frame::Cancel { id: 1 }).unwrap();
         bytes.push(0);
