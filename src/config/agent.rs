@@ -1408,4 +1408,18 @@ addr = hr.local:8443   # port 8443\n\
         ));
         assert!(!msg.contains("s3cret"), "{msg}");
     }
+
+    #[test]
+    fn fuzz_found_raw_section_name_in_errors() {
+        // fuzz/artifacts/config_ini/crash-d54383c6…, cut down to the section that broke it.
+        let text = format!(
+            "{}[target.wikiGGG.\0\rGGGG.lan]\naddr = [fd01::/]:80\n",
+            base()
+        );
+        let msg = AgentConfig::parse_offline(&text, &p())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("/etc/connect/config.ini:3: "), "{msg}");
+        assert!(!msg.contains(|c: char| c.is_control()), "{msg:?}");
+    }
 }
