@@ -168,12 +168,17 @@ impl ScimClient {
             }
             let mut fresh = 0usize;
             for resource in page.resources {
-                match resource.scim_id() {
-                    Some(id) if !seen.insert(id.to_string()) => {}
-                    _ => {
-                        fresh += 1;
-                        found.push(resource);
-                    }
+                // A resource without an id cannot be recognised as a repeat by its id; its
+                // name (userName, displayName) stands in, so a server that ignores startIndex
+                // is caught even then instead of being followed up to whatever totalResults it
+                // claims.
+                let key = match resource.scim_id() {
+                    Some(id) => format!("id:{id}"),
+                    None => format!("name:{}", resource.natural_key()),
+                };
+                if seen.insert(key) {
+                    fresh += 1;
+                    found.push(resource);
                 }
             }
             if fresh == 0 {
@@ -733,6 +738,27 @@ pub(crate) mod tests {
 
     fn ids(users: &[ScimUser]) -> Vec<String> {
         users.iter().map(|u| u.id.clone().unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn users_without_ids_on_a_repeating_page_are_not_followed() {
+        // Found while writing the SCIM fuzz target: users without `id` were never counted as
+        // repeats, so a server that ignores startIndex was followed up to its totalResults
+        // (3 users listed 1000 times over here; forever, with an unbounded totalResults).
+        let t = FakeTransport::new(
+            3,
+            Quirks {
+                ignore_start_index: true,
+                lie_total: Some(3000),
+                ..Default::default()
+            },
+        );
+        for user in t.users.lock().unwrap().iter_mut() {
+            user.id = None;
+        }
+        let err = client(&t, 3).list_users().await.unwrap_err();
+        assert!(err.to_string().contains("only repeats users"), "{err}");
+        assert_eq!(t.log.lock().unwrap().len(), 2);
     }
 
     #[tokio::test]

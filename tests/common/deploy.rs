@@ -182,6 +182,32 @@ impl DeploySpec {
     }
 }
 
+/// The text of an agent config.ini for `service_id` dialing `hub_url`, trusting `ca.pem` beside
+/// it, with `targets` and extra top-level `lines`.
+pub fn agent_config_text(
+    hub_url: &str,
+    service_id: &str,
+    state_dir: &str,
+    targets: &[Target],
+    lines: &[String],
+) -> String {
+    let mut ini = format!(
+        "# agent under test\nservice_id = {service_id}\nstate_dir = {state_dir}\nhub = {hub_url}\nhub_ca = ca.pem\n"
+    );
+    for line in lines {
+        ini.push_str(line);
+        ini.push('\n');
+    }
+    for t in targets {
+        ini.push_str(&format!("\n[target.{}]\naddr = {}\n", t.name, t.addr));
+        for line in &t.extra {
+            ini.push_str(line);
+            ini.push('\n');
+        }
+    }
+    ini
+}
+
 /// A hub and (usually) one agent running as processes; every file lives in [`Deployment::dir`].
 pub struct Deployment {
     pub dir: tempfile::TempDir,
@@ -357,20 +383,7 @@ impl Deployment {
         targets: &[Target],
         lines: &[String],
     ) -> PathBuf {
-        let mut ini = format!(
-            "# agent under test\nservice_id = {service_id}\nstate_dir = {state_dir}\nhub = {hub_url}\nhub_ca = ca.pem\n"
-        );
-        for line in lines {
-            ini.push_str(line);
-            ini.push('\n');
-        }
-        for t in targets {
-            ini.push_str(&format!("\n[target.{}]\naddr = {}\n", t.name, t.addr));
-            for line in &t.extra {
-                ini.push_str(line);
-                ini.push('\n');
-            }
-        }
+        let ini = agent_config_text(hub_url, service_id, state_dir, targets, lines);
         let path = self.path(file);
         std::fs::write(&path, ini).unwrap();
         path

@@ -12,6 +12,7 @@
 pub mod conformance;
 pub mod deploy;
 pub mod faults;
+pub mod hostile;
 pub mod peers;
 pub mod relay;
 pub mod scenarios;

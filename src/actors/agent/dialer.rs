@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 
 use super::forward::{AnswerOnce, Forward, ForwardArgs, ForwardCounters, ForwardMsg};
 use crate::forwarding::{LargeBodies, TargetClient};
+use crate::logging::untrusted;
 use crate::messages::agent::{DialerLimits, DialerMsg, ResponseSink, TargetSpec, TargetStats};
 use crate::messages::{ForwardError, ForwardRequest, ForwardResponse, TargetInfo};
 
@@ -433,7 +434,8 @@ impl Dialers {
     pub fn route(&self, request: ForwardRequest, reply: ResponseSink) {
         let id = request.id;
         let Some(dialer) = self.by_name.get(&request.target) else {
-            tracing::warn!(request_id = id, target_name = %request.target, "request for an undeclared target refused");
+            // The name is the hub's, unchecked: it must not be able to forge log lines.
+            tracing::warn!(request_id = id, target_name = %untrusted(&request.target), "request for an undeclared target refused");
             let _ = reply.send(ForwardResponse {
                 id,
                 result: Err(ForwardError::UndeclaredTarget {

@@ -20,6 +20,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::Instrument;
 
 use crate::forwarding::TargetClient;
+use crate::logging::untrusted;
 use crate::messages::agent::ResponseSink;
 use crate::messages::{ForwardError, ForwardRequest, ForwardResponse, HttpResponse};
 
@@ -150,6 +151,8 @@ impl Actor for Forward {
         test_hooks::maybe_panic(request);
 
         let target_name = args.client.spec().name.clone();
+        // Method and path come from the hub and are only checked inside `forward`: every log
+        // line shows them through `untrusted`, so they cannot forge lines of their own.
         let span = tracing::info_span!("forward", request_id = id, target_name = %target_name);
         let path = request
             .path_and_query
@@ -160,8 +163,8 @@ impl Actor for Forward {
         tracing::debug!(
             request_id = id,
             target_name = %target_name,
-            method = %request.method,
-            path = %path,
+            method = %untrusted(&request.method),
+            path = %untrusted(&path),
             "forwarding request"
         );
         let started = Instant::now();
@@ -171,8 +174,8 @@ impl Actor for Forward {
             Ok(response) => tracing::info!(
                 request_id = id,
                 target_name = %target_name,
-                method = %request.method,
-                path = %path,
+                method = %untrusted(&request.method),
+                path = %untrusted(&path),
                 status = response.status,
                 bytes = response.body.len(),
                 elapsed_ms,
@@ -181,8 +184,8 @@ impl Actor for Forward {
             Err(error) => tracing::warn!(
                 request_id = id,
                 target_name = %target_name,
-                method = %request.method,
-                path = %path,
+                method = %untrusted(&request.method),
+                path = %untrusted(&path),
                 elapsed_ms,
                 error = %error,
                 "request not forwarded"

@@ -23,6 +23,7 @@ use super::dialer::Dialers;
 use crate::actors::key_exchange::{
     Established, KeyExchange, KeyExchangeArgs, KeyExchangeMsg, Role,
 };
+use crate::logging::untrusted;
 use crate::messages::agent::{HandshakeInfo, SessionMsg, SessionPhase, SessionStatus};
 use crate::messages::liveness::{self, CHECK_EVERY, DEAD_AFTER, PING_EVERY};
 use crate::messages::{ForwardError, ForwardResponse, Frame, LinkEvent, PROTOCOL_VERSION};
@@ -503,7 +504,10 @@ impl Session {
             Frame::Goodbye { reason } => {
                 let _ = myself.cast(SessionMsg::Link {
                     generation: conn.generation,
-                    event: LinkEvent::Closed(format!("the hub closed the session: {reason}")),
+                    event: LinkEvent::Closed(format!(
+                        "the hub closed the session: {}",
+                        untrusted(&reason)
+                    )),
                 });
             }
             Frame::Hello { .. } | Frame::Targets { .. } | Frame::Response(_) => {
