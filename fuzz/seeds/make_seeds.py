@@ -47,8 +47,9 @@ def request(id, method, path, body=b"", scheme=0, skip=False):
 
 
 FRAMES = {
-    "hello": varint(0) + varint(1) + string("vm-1") + seq([string("crm"), string("wiki")]),
-    "welcome": varint(1) + varint(1) + varint(7),
+    "hello": varint(0) + varint(2) + string("vm-1") + varint(0x1234_5678_9ABC)
+    + seq([string("crm"), string("wiki")]),
+    "welcome": varint(1) + varint(2) + varint(7),
     "targets": varint(2) + seq([string("crm")]),
     "request-get": request(1, "GET", "/scim/v2/Users?startIndex=1&count=100"),
     "request-post": request(2, "POST", "/scim/v2/Users", b'{"userName":"a@example.com"}', 1, True),
@@ -114,7 +115,11 @@ def main():
     user = b'{"id":"u3","userName":"fuzz@example.com","externalId":"ext-1","active":false}'
     error = (b'{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":409,'
              b'"scimType":"uniqueness","detail":"userName taken"}')
-    for name, body in [("list", page), ("user", user), ("error", error)]:
+    groups = (b'{"schemas":["urn:ietf:params:scim:api:messages:2.0:ListResponse"],'
+              b'"totalResults":1,"startIndex":1,"itemsPerPage":1,"Resources":[{"id":"g1",'
+              b'"externalId":"g-1","displayName":"Fuzzers","members":[{"value":"u3",'
+              b'"type":"User"}]}]}')
+    for name, body in [("list", page), ("user", user), ("error", error), ("groups", groups)]:
         write("scim_response", "body-" + name, body)
 
     def answer(status, body):
