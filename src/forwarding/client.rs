@@ -40,6 +40,23 @@ use crate::messages::{ForwardError, ForwardRequest, HttpResponse, Scheme};
 /// Used when a request carries `timeout_ms == 0`.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The longest a hub may ask the agent to wait for one answer. The hub's own timeouts are far
+/// shorter; without a cap a buggy or compromised hub could park requests (and their memory)
+/// on the agent for weeks.
+pub const MAX_RESPONSE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The response timeout of a request that asks for `timeout_ms` (0: the default), capped at
+/// [`MAX_RESPONSE_TIMEOUT`], with the milliseconds to report when it runs out.
+pub fn response_timeout(timeout_ms: u32) -> (Duration, u32) {
+    let asked = if timeout_ms == 0 {
+        DEFAULT_RESPONSE_TIMEOUT
+    } else {
+        Duration::from_millis(u64::from(timeout_ms))
+    };
+    let timeout = asked.min(MAX_RESPONSE_TIMEOUT);
+    (timeout, u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX))
+}
+
 /// An idle connection older than this is closed rather than reused: servers commonly drop idle
 /// connections after about a minute, and a fresh one is cheaper than a failed attempt.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
@@ -280,18 +297,7 @@ impl TargetClient {
     pub async fn forward(&self, req: &ForwardRequest) -> Result<HttpResponse, ForwardError> {
         let prepared = request::prepare(req)?;
         let key = self.conn_key(req)?;
-        let (timeout, timeout_ms) = if req.timeout_ms == 0 {
-            let ms = DEFAULT_RESPONSE_TIMEOUT.as_millis();
-            (
-                DEFAULT_RESPONSE_TIMEOUT,
-                u32::try_from(ms).unwrap_or(u32::MAX),
-            )
-        } else {
-            (
-                Duration::from_millis(u64::from(req.timeout_ms)),
-                req.timeout_ms,
-            )
-        };
+        let (timeout, timeout_ms) = response_timeout(req.timeout_ms);
         let phase = AtomicU8::new(PHASE_WAITING);
         match tokio::time::timeout(timeout, self.exchange(req, &prepared, key, &phase)).await {
             Ok(result) => result,
@@ -771,5 +777,24 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Sniffing<T> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hub_cannot_ask_for_more_than_the_longest_timeout() {
+        assert_eq!(
+            response_timeout(0),
+            (DEFAULT_RESPONSE_TIMEOUT, 60_000),
+            "0 asks for the default"
+        );
+        assert_eq!(
+            response_timeout(1_500),
+            (Duration::from_millis(1_500), 1_500)
+        );
+        assert_eq!(response_timeout(u32::MAX), (MAX_RESPONSE_TIMEOUT, 300_000));
     }
 }

@@ -134,4 +134,8 @@ pub enum ForwardError {
     Internal { detail: String },
     #[error("agent is shutting down")]
     ShuttingDown,
+    /// The agent already holds as many requests for this target as it accepts; this one was
+    /// never sent to the target.
+    #[error("target `{name}` already has {queued} requests waiting on the agent")]
+    Busy { name: String, queued: u32 },
 }
