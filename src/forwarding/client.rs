@@ -54,7 +54,10 @@ pub fn response_timeout(timeout_ms: u32) -> (Duration, u32) {
         Duration::from_millis(u64::from(timeout_ms))
     };
     let timeout = asked.min(MAX_RESPONSE_TIMEOUT);
-    (timeout, u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX))
+    (
+        timeout,
+        u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+    )
 }
 
 /// An idle connection older than this is closed rather than reused: servers commonly drop idle

@@ -1263,7 +1263,10 @@ async fn requests_past_the_queue_bound_are_refused_at_once() {
         "it waited for the slot: {:?}",
         answer.result
     );
-    assert!(held.try_recv().is_err(), "the held requests are still in flight");
+    assert!(
+        held.try_recv().is_err(),
+        "the held requests are still in flight"
+    );
 }
 
 #[tokio::test]
