@@ -12,7 +12,7 @@
 //! answering huge bodies at once cannot multiply that cost by the number of requests in flight.
 
 use std::error::Error as StdError;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -191,9 +191,42 @@ impl Pool {
 
 /// Progress of one request, so that a timeout can say whether the target never accepted the
 /// connection or never answered.
-const PHASE_WAITING: u8 = 0;
-const PHASE_CONNECTING: u8 = 1;
-const PHASE_EXCHANGING: u8 = 2;
+struct Progress {
+    started: Instant,
+    /// Nanoseconds after `started` at which the connect began; 0 while not connecting.
+    connecting_since: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            started: Instant::now(),
+            connecting_since: AtomicU64::new(0),
+        }
+    }
+
+    fn connecting(&self) {
+        let at = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.connecting_since.store(at.max(1), Ordering::Relaxed);
+    }
+
+    fn exchanging(&self) {
+        self.connecting_since.store(0, Ordering::Relaxed);
+    }
+
+    /// True when the deadline passed during a connect that took the larger share of the
+    /// time: the target did not accept. A request that waited most of its time for a slot
+    /// (other requests holding the target) and had barely begun to connect timed out because
+    /// the target is slow, not unreachable.
+    fn stuck_connecting(&self) -> bool {
+        let since = self.connecting_since.load(Ordering::Relaxed);
+        if since == 0 {
+            return false;
+        }
+        let total = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        total.saturating_sub(since) >= since
+    }
+}
 
 /// The agent-wide allowance for large response bodies: any body may grow to
 /// `unreserved` bytes freely; reading past that waits for one of a few slots shared by every
@@ -301,14 +334,12 @@ impl TargetClient {
         let prepared = request::prepare(req)?;
         let key = self.conn_key(req)?;
         let (timeout, timeout_ms) = response_timeout(req.timeout_ms);
-        let phase = AtomicU8::new(PHASE_WAITING);
-        match tokio::time::timeout(timeout, self.exchange(req, &prepared, key, &phase)).await {
+        let progress = Progress::new();
+        match tokio::time::timeout(timeout, self.exchange(req, &prepared, key, &progress)).await {
             Ok(result) => result,
-            Err(_) if phase.load(Ordering::Relaxed) == PHASE_CONNECTING => {
-                Err(ForwardError::ConnectTimeout {
-                    addr: self.spec.addr.clone(),
-                })
-            }
+            Err(_) if progress.stuck_connecting() => Err(ForwardError::ConnectTimeout {
+                addr: self.spec.addr.clone(),
+            }),
             Err(_) => Err(ForwardError::ResponseTimeout {
                 addr: self.spec.addr.clone(),
                 timeout_ms,
@@ -344,7 +375,7 @@ impl TargetClient {
         req: &ForwardRequest,
         prepared: &Prepared,
         key: ConnKey,
-        phase: &AtomicU8,
+        progress: &Progress,
     ) -> Result<HttpResponse, ForwardError> {
         let id = req.id;
         let permit = self
@@ -359,7 +390,6 @@ impl TargetClient {
         };
 
         let mut request = prepared.to_request();
-        phase.store(PHASE_EXCHANGING, Ordering::Relaxed);
         while let Some(mut conn) = self.pool.checkout(&key) {
             slot.on(&conn);
             match conn.send.try_send_request(request).await {
@@ -392,11 +422,11 @@ impl TargetClient {
             }
         }
 
-        phase.store(PHASE_CONNECTING, Ordering::Relaxed);
+        progress.connecting();
         let first_bytes = Arc::new(FirstBytes::default());
         let mut conn = self.connect(req, &key, &first_bytes).await?;
         slot.on(&conn);
-        phase.store(PHASE_EXCHANGING, Ordering::Relaxed);
+        progress.exchanging();
         match conn.send.try_send_request(request).await {
             Ok(response) => self.read_response(id, response, conn, key, &mut slot).await,
             Err(failed) => {
@@ -799,5 +829,27 @@ mod tests {
             (Duration::from_millis(1_500), 1_500)
         );
         assert_eq!(response_timeout(u32::MAX), (MAX_RESPONSE_TIMEOUT, 300_000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_is_blamed_on_the_connect_only_when_the_connect_took_most_of_it() {
+        let step = Duration::from_secs(1);
+        let connecting_at_once = Progress::new();
+        connecting_at_once.connecting();
+        tokio::time::advance(step).await;
+        assert!(connecting_at_once.stuck_connecting());
+
+        // Waited 9 s for a slot, then 1 s connecting: the target is busy, not unreachable.
+        let waited = Progress::new();
+        tokio::time::advance(9 * step).await;
+        waited.connecting();
+        tokio::time::advance(step).await;
+        assert!(!waited.stuck_connecting());
+
+        let answering = Progress::new();
+        answering.connecting();
+        answering.exchanging();
+        tokio::time::advance(step).await;
+        assert!(!answering.stuck_connecting());
     }
 }
