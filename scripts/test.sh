@@ -11,15 +11,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 VENV=$ROOT/.venv
 
-# Versions checked to install and work together here; change them together.
-PY_PACKAGES=(
-  scim2-server==0.8.3
-  scim2-cli==0.6.0
-  scim2-tester==0.5.2
-  scim2-models==0.12.3
-  scim2-client==0.13.2
-)
-
 START=$SECONDS
 step() { printf '\n==> [%ss] %s\n' "$((SECONDS - START))" "$*"; }
 
@@ -27,28 +18,10 @@ as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-# --- Python test peers ------------------------------------------------------------------
-# The stamp records what was installed, so a changed pin reinstalls and an unchanged one is free.
-STAMP=$VENV/.scim-connect-packages
-WANT="${PY_PACKAGES[*]}"
-if [ -x "$VENV/bin/scim2-server" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ]; then
-  step "Python test peers present in .venv: $WANT"
-else
-  if [ ! -x "$VENV/bin/python" ]; then
-    step "create .venv (python3 -m venv)"
-    if ! python3 -m venv "$VENV"; then
-      # Debian's system python needs python3-venv for ensurepip.
-      rm -rf "$VENV"
-      step "python3 -m venv failed: installing Debian's python3-venv"
-      as_root apt-get update
-      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv
-      python3 -m venv "$VENV"
-    fi
-  fi
-  step "pip install ${PY_PACKAGES[*]}"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PY_PACKAGES[@]}"
-  printf '%s' "$WANT" > "$STAMP"
-fi
+# --- Python test peers (scripts/python-peers.sh) ---------------------------------------------
+# shellcheck source=scripts/python-peers.sh
+source "$ROOT/scripts/python-peers.sh"
+ensure_python_peers
 
 # --- tinyproxy (Debian) for the HTTP CONNECT proxy tests -------------------------------------
 if command -v tinyproxy >/dev/null 2>&1; then
