@@ -84,9 +84,14 @@ if [ "$FUZZ_SECONDS" -gt 0 ]; then
 fi
 
 # Nothing may be printed after the test runner: its closing summary line is the run's verdict.
+# With nextest, two steps (.config/nextest.toml): the fault-injection suite, bounded as a whole
+# by its profile's global-timeout, then every other test. Their filters are complements, so each
+# test runs exactly once; a failing fault suite ends the script with its own summary.
 if cargo nextest --version >/dev/null 2>&1; then
-  step "cargo nextest run (SCIM2_SERVER_BIN=$SCIM2_SERVER_BIN)"
-  exec cargo nextest run --no-fail-fast
+  step "fault-injection suite: cargo nextest run --profile faults (SCIM2_SERVER_BIN=$SCIM2_SERVER_BIN)"
+  cargo nextest run --profile faults --no-fail-fast
+  step "every other test: cargo nextest run --profile rest"
+  exec cargo nextest run --profile rest --no-fail-fast
 else
   step "cargo test --all-targets (cargo-nextest not installed; SCIM2_SERVER_BIN=$SCIM2_SERVER_BIN)"
   exec cargo test --all-targets --no-fail-fast
