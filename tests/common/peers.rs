@@ -13,22 +13,16 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
 
 use super::{
-    spawn_until_ready, start_on_free_port, wait_until, ChildGuard, HttpResponse, Scim2Server,
-    ScimEndpoint,
+    spawn_until_ready, start_on_free_port, ChildGuard, HttpResponse, Scim2Server, ScimEndpoint,
 };
 
-/// How long [`ScimmyServer::start`] waits for node to answer (it is ready in well under 1 s),
-/// and [`ScimPeer::settled_request_log`] for a line of a server's log.
+/// How long [`ScimmyServer::start`] waits for node to answer (it is ready in well under 1 s).
 const SCIMMY_READY_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Query parameter of the marker requests of [`ScimPeer::settled_request_log`].
-const LOG_MARK: &str = "scim-connect-log-mark";
 
 /// What scenario code needs from a SCIM server it provisions into.
 ///
@@ -66,34 +60,6 @@ pub trait ScimPeer: Sized {
             .lines()
             .filter_map(Self::parse_log_line)
             .collect()
-    }
-
-    /// [`ScimPeer::request_log`] once every request answered before this call is in it: a
-    /// server may log an answer only after the client has read it, so a marker request is sent
-    /// and awaited in the log. Marker requests are left out of the result.
-    async fn settled_request_log(&self) -> Vec<LoggedRequest> {
-        static MARKS: AtomicUsize = AtomicUsize::new(0);
-        let query = format!(
-            "/ServiceProviderConfig?{LOG_MARK}={}",
-            MARKS.fetch_add(1, Ordering::Relaxed)
-        );
-        let answer = self.request("GET", &query, None).await;
-        assert_eq!(answer.status, 200, "{}: {}", Self::KIND, answer.text());
-        let mark = format!("{}{query}", Self::BASE_PATH);
-        let logged = |log: &[LoggedRequest]| log.iter().position(|r| r.path == mark);
-        let seen = wait_until(
-            &format!("{} to log {mark}", Self::KIND),
-            SCIMMY_READY_TIMEOUT,
-            || async { logged(&self.request_log()).is_some() },
-        )
-        .await;
-        if let Err(e) = seen {
-            panic!("{e}\n{}", self.logs());
-        }
-        let mut log = self.request_log();
-        log.truncate(logged(&log).unwrap_or(log.len()));
-        log.retain(|r| !r.path.contains(LOG_MARK));
-        log
     }
 
     /// `127.0.0.1:<port>`.
