@@ -33,7 +33,7 @@ esac
 source "$ROOT/bench/lib.sh"
 [ "$WHO" = agent ] && PID=$AGENT_PID || PID=$HUB_PID
 run_count() {
-    BENCH_REQUESTS=$1 wrk -t1 "-c$CONNS" -d600s -s "$ROOT/bench/count.lua" -H "$AUTH" "$TUNNEL_URL" >/dev/null
+    "$BENCH" get --count "$1" --conns "$CONNS" --token-file "$ADMIN_TOKEN_FILE" "$TUNNEL_URL" >/dev/null
 }
 run_count 200
 callgrind_control -z "$PID" >/dev/null

@@ -9,6 +9,7 @@
 //!   the real TLS + Noise tunnel on loopback; provisions `--users` users in `--groups` groups,
 //!   then resyncs with nothing changed, and prints each run's wall time and request count.
 //! - `ports`: free loopback ports for nginx and rathole.
+//! - `get`: a fixed number of GETs, for `bench/profile.sh`.
 //! - `inflight` (B4): serves the `hold` target itself, holding every request until `--count`
 //!   are in flight at the agent (as its control socket reports), reads the agent's RSS at that
 //!   moment, then answers them all.
@@ -76,6 +77,18 @@ enum Command {
         #[arg(default_value_t = 1)]
         count: usize,
     },
+    /// Send exactly `count` GETs of `url` over `conns` keep-alive connections (for profiles,
+    /// where a fixed amount of work matters more than a fixed time).
+    Get {
+        url: String,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, default_value_t = 8)]
+        conns: usize,
+        /// A file holding a bearer token to send.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
     /// B4: hold `count` requests in flight at the agent and read its RSS.
     Inflight {
         #[arg(long)]
@@ -100,6 +113,12 @@ async fn main() {
     let result = match cli.command {
         Command::Files { dir, nginx, hold } => files(&dir, nginx, hold),
         Command::Ports { count } => ports(count),
+        Command::Get {
+            url,
+            count,
+            conns,
+            token_file,
+        } => get(&url, count, conns, token_file.as_deref()).await,
         Command::Provision {
             users,
             groups,
@@ -227,10 +246,7 @@ fn write_deployment(dir: &Path, apps: &[App], directory: &Directory) -> Result<D
             port = app.target.port(),
             extra = app.extra
         ));
-        ini.push_str(&format!(
-            "\n[target.{}]\naddr = {}\n",
-            app.name, app.target
-        ));
+        ini.push_str(&format!("\n[target.{}]\naddr = {}\n", app.name, app.target));
     }
     let hub_toml = dir.join("hub.toml");
     write_secret(&hub_toml, &hub)?;
@@ -411,6 +427,90 @@ async fn sync(admin: SocketAddr, token: &Secret) -> Result<RunSummary, String> {
         .await
         .map(|o| o.run)
         .map_err(|e| e.to_string())
+}
+
+/// `get`: `count` GETs over `conns` connections; fails on any answer but 200.
+async fn get(
+    url: &str,
+    count: usize,
+    conns: usize,
+    token_file: Option<&Path>,
+) -> Result<(), String> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::TokioIo;
+
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("{url}: no host:port"))?
+        .to_string();
+    let path = uri
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "/".into());
+    let auth = match token_file {
+        Some(file) => Some(format!(
+            "Bearer {}",
+            std::fs::read_to_string(file)
+                .map_err(|e| format!("{}: {e}", file.display()))?
+                .trim()
+        )),
+        None => None,
+    };
+    let left = Arc::new(AtomicUsize::new(count));
+    let clock = Instant::now();
+    let workers: Vec<_> = (0..conns.max(1))
+        .map(|_| {
+            let (left, authority, path, auth) =
+                (left.clone(), authority.clone(), path.clone(), auth.clone());
+            tokio::spawn(async move {
+                let tcp = tokio::net::TcpStream::connect(&authority)
+                    .await
+                    .map_err(|e| format!("{authority}: {e}"))?;
+                let _ = tcp.set_nodelay(true);
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(conn);
+                while left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    let mut request = hyper::Request::get(path.as_str())
+                        .header(hyper::header::HOST, authority.as_str());
+                    if let Some(auth) = &auth {
+                        request = request.header(hyper::header::AUTHORIZATION, auth.as_str());
+                    }
+                    let request = request
+                        .body(Empty::<bytes::Bytes>::new())
+                        .map_err(|e| e.to_string())?;
+                    sender.ready().await.map_err(|e| e.to_string())?;
+                    let response = sender
+                        .send_request(request)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let status = response.status();
+                    response
+                        .into_body()
+                        .collect()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if status != hyper::StatusCode::OK {
+                        return Err(format!("answered {status}"));
+                    }
+                }
+                Ok::<(), String>(())
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.map_err(|e| e.to_string())??;
+    }
+    println!(
+        "get_requests={count}\nget_wall_s={:.3}",
+        clock.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// VmRSS of `pid` in KiB.
