@@ -104,18 +104,18 @@ impl HubEndpoint {
             SERVICE_HEADER,
             HeaderValue::from_str(lookup_hash).map_err(|e| DialError::Url(e.to_string()))?,
         );
-        let (ws, _) =
-            tokio::time::timeout(step_timeout, tokio_tungstenite::client_async(request, io))
-                .await
-                .map_err(|_| DialError::UpgradeTimeout { addr: addr.clone() })?
-                .map_err(|e| match e {
-                    tokio_tungstenite::tungstenite::Error::Http(response)
-                        if response.status() == 403 =>
-                    {
-                        DialError::ServiceRefused
-                    }
-                    other => DialError::Upgrade(other.to_string()),
-                })?;
+        let (ws, _) = tokio::time::timeout(
+            step_timeout,
+            tokio_tungstenite::client_async_with_config(request, io, Some(super::ws_config())),
+        )
+        .await
+        .map_err(|_| DialError::UpgradeTimeout { addr: addr.clone() })?
+        .map_err(|e| match e {
+            tokio_tungstenite::tungstenite::Error::Http(response) if response.status() == 403 => {
+                DialError::ServiceRefused
+            }
+            other => DialError::Upgrade(other.to_string()),
+        })?;
         Ok(ws)
     }
 }

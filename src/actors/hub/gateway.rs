@@ -215,7 +215,12 @@ async fn admit(
             }
         }
     };
-    let result = tokio_tungstenite::accept_hdr_async(io, callback).await;
+    let result = tokio_tungstenite::accept_hdr_async_with_config(
+        io,
+        callback,
+        Some(crate::net::ws_config()),
+    )
+    .await;
     let ws = match result {
         Ok(ws) => ws,
         Err(e) => {
