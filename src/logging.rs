@@ -8,8 +8,12 @@ use tracing_subscriber::EnvFilter;
 
 /// Installs the subscriber (level from `RUST_LOG`, else `default_level`) and the panic hook.
 pub fn init(default_level: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    // ractor opens an info span for every actor it starts and carries the current span along
+    // with every message; at the default level that was a span (with formatted fields) per
+    // forwarded request and an enter/exit per message, for lines nobody reads. RUST_LOG can
+    // still ask for them.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default_level},ractor=warn")));
     // Colours only for a person at a terminal (and not with NO_COLOR): a journal or a log file
     // gets plain lines, and escaping every field was 8 % of the agent's instructions per
     // forwarded request (README, Benchmarks).
