@@ -72,7 +72,11 @@ impl Default for DialerLimits {
         DialerLimits {
             max_in_flight: 64,
             connect_timeout: Duration::from_secs(10),
-            max_response_bytes: 32 * 1024 * 1024,
+            // Below the tunnel's 16 MiB frame limit, with 1 MiB left for the status and the
+            // headers: a larger answer cannot be sealed into one frame, and failing to seal it
+            // used to close the whole tunnel (a 16.9 MB Groups page did, in the benchmarks)
+            // instead of answering "response too large" for that one request.
+            max_response_bytes: 15 * 1024 * 1024,
             // As many as may be in flight: with fewer, a busy target has its connections
             // closed and opened again all the time (at 64 requests in flight and 8 kept idle,
             // 29 % of requests opened a new connection; README, Benchmarks).

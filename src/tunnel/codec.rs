@@ -201,6 +201,24 @@ impl FrameOpener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The agent's response size limit must leave room in a frame for the rest of the
+    /// response, or an answer under the limit cannot be sent and the tunnel is lost with it.
+    #[test]
+    fn the_largest_response_the_agent_accepts_fits_in_a_frame() {
+        let limit = crate::messages::agent::DialerLimits::default().max_response_bytes;
+        let frame = Frame::Response(crate::messages::ForwardResponse {
+            id: u64::MAX,
+            result: Ok(crate::messages::HttpResponse {
+                status: 200,
+                // hyper refuses response heads over ~400 KB; twice that is plenty.
+                headers: vec![("x-large".into(), vec![b'a'; 800 * 1024])],
+                body: vec![0; limit],
+            }),
+        });
+        let encoded = encode_frame(&frame).expect("the largest accepted response is sealable");
+        assert!(encoded.len() <= MAX_FRAME_BYTES);
+    }
     use crate::messages::{
         ForwardError, ForwardRequest, ForwardResponse, HttpResponse, Scheme, TargetInfo,
         PROTOCOL_VERSION,
