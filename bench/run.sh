@@ -144,15 +144,13 @@ out=$("$BENCH" provision --users "$USERS" --groups "$NGROUPS") || die "B2: provi
 eval "$out"
 B2_LINE="$b2_users users + $b2_groups groups + $b2_memberships memberships = $b2_objects objects in $b2_wall_s s: $b2_objects_per_s objects/s ($b2_requests requests)"
 B2_RATE=$b2_objects_per_s
-if [ "$B3_USERS" != "$USERS" ]; then
-    B3_CMD="target/$PROFILE_DIR/examples/bench provision --users $B3_USERS --groups $NGROUPS"
-    out=$("$BENCH" provision --users "$B3_USERS" --groups "$NGROUPS") || die "B3: provisioning failed"
-    eval "$out"
-    B2_BIG_LINE="$b2_users users + $b2_groups groups + $b2_memberships memberships = $b2_objects objects in $b2_wall_s s: $b2_objects_per_s objects/s ($b2_requests requests)"
-else
-    B3_CMD=$B2_CMD
-    B2_BIG_LINE=
-fi
+# B3 resyncs users only (provision_groups = false): with groups, the hub lists every group of
+# a page with all its members, and 100 groups of 1,000 are one 16.9 MB answer, over the
+# tunnel's 16 MiB frame limit (README, Benchmarks).
+B3_CMD="target/$PROFILE_DIR/examples/bench provision --users $B3_USERS --groups $NGROUPS --users-only"
+out=$("$BENCH" provision --users "$B3_USERS" --groups "$NGROUPS" --users-only) || die "B3: provisioning failed"
+eval "$out"
+B2_BIG_LINE="$b2_users users, no groups, in $b2_wall_s s: $b2_objects_per_s objects/s ($b2_requests requests)"
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- the table -----------------------------------------------------------------------------------
@@ -197,9 +195,7 @@ for c in $CONNS; do
     done
 done
 echo "| B2 initial provisioning | $B2_LINE | ≥ 2,000 objects/s | $(yes_no "$B2_RATE >= 2000") | \`$B2_CMD\` |"
-if [ -n "$B2_BIG_LINE" ]; then
-    echo "| B2 at $B3_USERS users | $B2_BIG_LINE | | | \`$B3_CMD\` |"
-fi
+echo "| B2 at $B3_USERS users | $B2_BIG_LINE | | | \`$B3_CMD\` (first run) |"
 echo "| B3 no-change resync | $b3_users users: $b3_wall_s s, $b3_requests requests | ≤ 10 s, ≤ 250 requests | $(yes_no "$b3_wall_s <= 10 && $b3_requests <= 250") | \`$B3_CMD\` (second run) |"
 idle_mib=$(awk -v k="$B4_IDLE_KIB" 'BEGIN { printf "%.1f", k / 1024 }')
 after_mib=$(awk -v k="$B4_IDLE_AFTER_KIB" 'BEGIN { printf "%.1f", k / 1024 }')

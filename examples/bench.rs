@@ -71,6 +71,9 @@ enum Command {
         /// The app's `concurrency` in hub.toml.
         #[arg(long, default_value_t = 8)]
         concurrency: u32,
+        /// `provision_groups = false`: the groups only grant their users.
+        #[arg(long)]
+        users_only: bool,
     },
     /// Print `count` free loopback ports, one a line (all bound at once, so distinct).
     Ports {
@@ -110,6 +113,8 @@ enum Command {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    // Warnings and errors of the in-process hub and agent (RUST_LOG for more).
+    scim_connect::logging::init("warn");
     let result = match cli.command {
         Command::Files { dir, nginx, hold } => files(&dir, nginx, hold),
         Command::Ports { count } => ports(count),
@@ -124,7 +129,17 @@ async fn main() {
             groups,
             page_size,
             concurrency,
-        } => provision(users as usize, groups as usize, page_size, concurrency).await,
+            users_only,
+        } => {
+            provision(
+                users as usize,
+                groups as usize,
+                page_size,
+                concurrency,
+                users_only,
+            )
+            .await
+        }
         Command::Inflight {
             admin,
             token_file,
@@ -336,6 +351,7 @@ async fn provision(
     groups: usize,
     page_size: u32,
     concurrency: u32,
+    users_only: bool,
 ) -> Result<(), String> {
     let tmp = tempfile::Builder::new()
         .prefix("scim-connect-bench-")
@@ -360,7 +376,8 @@ async fn provision(
         extra: format!(
             "auth = \"bearer\"\ntoken = \"{scim_token}\"\ndeprovision = \"delete\"\n\
              interval = \"24h\"\npage_size = {page_size}\nconcurrency = {concurrency}\n\
-             grant_groups = [{}]\n",
+             provision_groups = {}\ngrant_groups = [{}]\n",
+            !users_only,
             grant.join(", ")
         ),
     };
@@ -381,6 +398,7 @@ async fn provision(
         let before = scim.request_count();
         let first = sync(d.admin, &token).await?;
         let first_requests = scim.request_count() - before;
+        let groups = if users_only { 0 } else { groups };
         if !first.ok || first.created != users || first.groups.created != groups {
             return Err(format!(
                 "first run: expected {users} users and {groups} groups created, got {} and {} ({})",
