@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The project's one test command, used by developers and by CI (.ci/run).
 # Installs the real test peers it needs when they are missing (scim2-server & co. into .venv,
-# tinyproxy and systemd-analyze from Debian, scimmy from npm into tests/scimmy), then runs fmt,
-# clippy and the whole test suite. Safe to re-run: the installs are skipped once done, so a
-# second run costs only the cargo steps.
+# tinyproxy and systemd-analyze from Debian, scimmy from npm into tests/scimmy, cargo-fuzz from
+# crates.io), then runs fmt, clippy, a short bounded fuzzing run (scripts/fuzz.sh) and the whole
+# test suite. Safe to re-run: the installs are skipped once done, so a second run costs only the
+# cargo steps.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -95,8 +96,19 @@ TINYPROXY_BIN=$(command -v tinyproxy)
 step "cargo fmt --check"
 cargo fmt --check
 
+step "cargo fmt --check (fuzz/)"
+cargo fmt --check --manifest-path fuzz/Cargo.toml
+
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
+
+# --- Fuzzing: a short bounded run of every target in fuzz/ (installs cargo-fuzz once). ---------
+# FUZZ_SECONDS per target; 0 skips. Longer runs: ./scripts/fuzz.sh 600
+FUZZ_SECONDS=${FUZZ_SECONDS:-15}
+if [ "$FUZZ_SECONDS" -gt 0 ]; then
+  step "scripts/fuzz.sh $FUZZ_SECONDS (each fuzz target for $FUZZ_SECONDS s)"
+  ./scripts/fuzz.sh "$FUZZ_SECONDS"
+fi
 
 # Nothing may be printed after the test runner: its closing summary line is the run's verdict.
 if cargo nextest --version >/dev/null 2>&1; then

@@ -11,8 +11,11 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 
+use crate::actors::hub::health::Health;
 use crate::config::Secret;
-use crate::messages::hub::{AppStatus, RunSummary, ServiceStatus, SyncOutcome};
+use crate::messages::hub::{
+    AppStatus, RunState, RunSummary, RuntimeStats, ServiceStatus, SyncOutcome,
+};
 use crate::scim::sync::GroupCounts;
 
 /// Why the admin API could not be used.
@@ -51,6 +54,10 @@ pub async fn sync_now(
 pub struct HubStatus {
     pub services: Vec<ServiceStatus>,
     pub apps: Vec<AppStatus>,
+    /// The hub process itself (sessions, tasks, memory); absent from hubs without
+    /// `GET /api/runtime`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimeStats>,
 }
 
 impl HubStatus {
@@ -66,7 +73,17 @@ impl HubStatus {
 pub async fn hub_status(addr: SocketAddr, token: &Secret) -> Result<HubStatus, AdminClientError> {
     let services = parse(&request(addr, token, "GET", "/api/services").await?)?;
     let apps = parse(&request(addr, token, "GET", "/api/apps").await?)?;
-    Ok(HubStatus { services, apps })
+    let runtime = match request(addr, token, "GET", "/api/runtime").await {
+        Ok(body) => Some(parse(&body)?),
+        // An older hub without the endpoint: show the rest.
+        Err(AdminClientError::Refused { status: 404, .. }) => None,
+        Err(e) => return Err(e),
+    };
+    Ok(HubStatus {
+        services,
+        apps,
+        runtime,
+    })
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, AdminClientError> {
@@ -148,7 +165,7 @@ pub fn describe_run(run: &RunSummary) -> String {
     let mut text = format!(
         "{app}: {verdict} in {ms} ms (run {id}) — desired {desired}, created {created}, updated {updated}, deprovisioned {deprov} (deactivated {deact}, deleted {del}), unchanged {unchanged}, unmanaged {unmanaged}, failed {failed}",
         app = run.app,
-        verdict = if run.ok { "sync ok" } else { "sync FAILED" },
+        verdict = verdict(run),
         ms = run.duration_ms,
         id = run.run_id,
         desired = run.desired,
@@ -182,11 +199,47 @@ pub fn describe_run(run: &RunSummary) -> String {
             run.retries, run.requests
         );
     }
+    if let Some(failover) = failover(run) {
+        text.push_str("\n  failover: ");
+        text.push_str(&failover);
+    }
     if let Some(message) = &run.message {
         text.push_str("\n  cause: ");
         text.push_str(message);
     }
     text
+}
+
+fn verdict(run: &RunSummary) -> &'static str {
+    match (run.state, run.ok) {
+        (RunState::Interrupted, _) => "sync INTERRUPTED",
+        (RunState::Running, _) => "sync running",
+        (RunState::Finished, true) => "sync ok",
+        (RunState::Finished, false) => "sync FAILED",
+    }
+}
+
+/// What a run met of lost agents, in one line; `None` when it lost none.
+pub fn failover(run: &RunSummary) -> Option<String> {
+    if run.agents_lost.is_empty() {
+        return None;
+    }
+    let lost: Vec<String> = run
+        .agents_lost
+        .iter()
+        .map(|a| {
+            format!(
+                "agent `{}` was lost with {} request(s) of the run in flight",
+                a.agent, a.requests
+            )
+        })
+        .collect();
+    Some(format!(
+        "{}; {} re-sent at once through another agent, the others (creates, member changes) \
+         looked up before any resend or reported failed",
+        lost.join(", "),
+        run.rerouted
+    ))
 }
 
 /// A forced sync's result; says so first when it joined a run that was already going.
@@ -209,7 +262,19 @@ pub fn describe_status(status: &HubStatus, now: SystemTime) -> String {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0);
-    let mut out = String::from("services\n");
+    let mut out = String::new();
+    if let Some(r) = &status.runtime {
+        let memory = r
+            .rss_bytes
+            .map(|b| format!(", {} MiB resident", b / (1024 * 1024)))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "hub: {} agent session(s), {} tasks{memory}",
+            r.agent_sessions, r.tasks
+        );
+    }
+    out.push_str("services\n");
     if status.services.is_empty() {
         out.push_str("  (none in hub.toml)\n");
     }
@@ -231,12 +296,26 @@ pub fn describe_status(status: &HubStatus, now: SystemTime) -> String {
             } else {
                 format!("targets {}", a.targets.join(", "))
             };
+            let rtt = a
+                .rtt_micros
+                .map(|us| format!(", round trip {:.1} ms", us as f64 / 1000.0))
+                .unwrap_or_default();
+            let health = match a.health {
+                Health::Healthy => "healthy".to_string(),
+                Health::Silent => format!(
+                    "SILENT (missed heartbeats, last heard {} ago: routed nothing)",
+                    ago(a.last_heard_unix_ms, now_ms)
+                ),
+            };
             let _ = writeln!(
                 out,
-                "    {} from {}, connected {} ago, {targets}",
+                "    {} from {}, connected {} ago, {targets}; {health}, {} in flight, {} answered, {} failed{rtt}",
                 a.agent_name,
                 a.peer,
-                ago(a.connected_since_unix.saturating_mul(1000), now_ms)
+                ago(a.connected_since_unix.saturating_mul(1000), now_ms),
+                a.in_flight,
+                a.answered,
+                a.failed,
             );
         }
     }
@@ -262,7 +341,7 @@ pub fn describe_status(status: &HubStatus, now: SystemTime) -> String {
                 let _ = writeln!(
                     out,
                     "    last sync: {} {} ago (run {}, {} ms): created {}, updated {}, deprovisioned {}, unchanged {}, failed {}",
-                    if run.ok { "ok" } else { "FAILED" },
+                    verdict(run).trim_start_matches("sync "),
                     ago(run.started_unix_ms.saturating_add(run.duration_ms), now_ms),
                     run.run_id,
                     run.duration_ms,
@@ -272,6 +351,9 @@ pub fn describe_status(status: &HubStatus, now: SystemTime) -> String {
                     run.unchanged,
                     run.failed,
                 );
+                if let Some(f) = failover(run) {
+                    let _ = writeln!(out, "      failover: {f}");
+                }
                 if let Some(m) = &run.message {
                     let _ = writeln!(out, "      cause: {m}");
                 }
@@ -305,13 +387,31 @@ mod tests {
                 ServiceStatus {
                     name: "onprem".into(),
                     enabled: true,
-                    agents: vec![AgentStatus {
-                        session_id: 1,
-                        agent_name: "vm-1".into(),
-                        peer: "127.0.0.1:5000".into(),
-                        targets: vec!["crm-scim".into(), "wiki-scim".into()],
-                        connected_since_unix: 1_000_000 - 125,
-                    }],
+                    agents: vec![
+                        AgentStatus {
+                            session_id: 1,
+                            agent_name: "vm-1".into(),
+                            peer: "127.0.0.1:5000".into(),
+                            targets: vec!["crm-scim".into(), "wiki-scim".into()],
+                            connected_since_unix: 1_000_000 - 125,
+                            last_heard_unix_ms: 1_000_000_000 - 1_000,
+                            in_flight: 3,
+                            answered: 120,
+                            rtt_micros: Some(1_500),
+                            ..Default::default()
+                        },
+                        AgentStatus {
+                            session_id: 2,
+                            agent_name: "vm-2".into(),
+                            peer: "127.0.0.1:5001".into(),
+                            targets: vec!["crm-scim".into()],
+                            connected_since_unix: 1_000_000 - 60,
+                            health: Health::Silent,
+                            last_heard_unix_ms: 1_000_000_000 - 8_000,
+                            failed: 1,
+                            ..Default::default()
+                        },
+                    ],
                 },
                 ServiceStatus {
                     name: "idle".into(),
@@ -346,11 +446,18 @@ mod tests {
                     error: None,
                 },
             ],
+            runtime: Some(RuntimeStats {
+                agent_sessions: 2,
+                tasks: 42,
+                rss_bytes: Some(35 * 1024 * 1024 + 5),
+            }),
         };
         let text = describe_status(&status, now);
         for want in [
-            "  onprem  on  1 agent connected",
-            "    vm-1 from 127.0.0.1:5000, connected 2m 5s ago, targets crm-scim, wiki-scim",
+            "hub: 2 agent session(s), 42 tasks, 35 MiB resident\nservices\n",
+            "  onprem  on  2 agents connected",
+            "    vm-1 from 127.0.0.1:5000, connected 2m 5s ago, targets crm-scim, wiki-scim; healthy, 3 in flight, 120 answered, 0 failed, round trip 1.5 ms",
+            "    vm-2 from 127.0.0.1:5001, connected 1m 0s ago, targets crm-scim; SILENT (missed heartbeats, last heard 8s ago: routed nothing), 0 in flight, 0 answered, 1 failed\n",
             "  idle  OFF  no agent connected",
             "  crm  via service onprem, target crm-scim",
             "    running for 3s",
@@ -360,6 +467,50 @@ mod tests {
         ] {
             assert!(text.contains(want), "`{want}` missing in:\n{text}");
         }
+        assert!(!status.healthy());
+    }
+
+    #[test]
+    fn a_run_tells_its_failover_and_an_interrupted_run_says_so() {
+        let run = RunSummary {
+            app: "crm".into(),
+            ok: true,
+            created: 2000,
+            agents_lost: vec![crate::messages::hub::LostAgent {
+                agent: "vm-2".into(),
+                requests: 4,
+            }],
+            rerouted: 1,
+            ..Default::default()
+        };
+        let text = describe_run(&run);
+        assert!(text.starts_with("crm: sync ok"), "{text}");
+        assert!(
+            text.contains("\n  failover: agent `vm-2` was lost with 4 request(s) of the run in flight; 1 re-sent at once through another agent, the others"),
+            "{text}"
+        );
+        let interrupted = RunSummary {
+            app: "crm".into(),
+            state: RunState::Interrupted,
+            message: Some("interrupted: the hub stopped".into()),
+            ..Default::default()
+        };
+        let text = describe_run(&interrupted);
+        assert!(text.starts_with("crm: sync INTERRUPTED"), "{text}");
+        let status = HubStatus {
+            services: vec![],
+            apps: vec![AppStatus {
+                name: "crm".into(),
+                service: "onprem".into(),
+                target: "crm-scim".into(),
+                running_since_unix_ms: None,
+                last_sync: Some(interrupted),
+                error: None,
+            }],
+            runtime: None,
+        };
+        let text = describe_status(&status, SystemTime::UNIX_EPOCH);
+        assert!(text.contains("    last sync: INTERRUPTED"), "{text}");
         assert!(!status.healthy());
     }
 

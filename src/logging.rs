@@ -39,3 +39,61 @@ pub fn init(default_level: &str) {
         tracing::error!("panic{location}: {message}");
     }));
 }
+
+/// Longest piece of peer-supplied text a log line or error message repeats.
+pub const UNTRUSTED_MAX_CHARS: usize = 80;
+
+/// Text that came from a peer (a hub's target name, method or goodbye reason), made safe to put
+/// on a log line or into an error message: control characters are escaped (`\n`, `\r`,
+/// `\u{1b}`, ...) so the text cannot forge log lines, and it is cut after
+/// [`UNTRUSTED_MAX_CHARS`] characters so a megabyte-long name is not repeated back.
+pub fn untrusted(text: &str) -> Untrusted<'_> {
+    Untrusted(text)
+}
+
+/// See [`untrusted`].
+#[derive(Clone, Copy)]
+pub struct Untrusted<'a>(&'a str);
+
+impl std::fmt::Display for Untrusted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        for (i, c) in self.0.chars().enumerate() {
+            if i == UNTRUSTED_MAX_CHARS {
+                return f.write_str("…");
+            }
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Untrusted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn untrusted_text_stays_on_one_line_and_is_bounded() {
+        assert_eq!(untrusted("crm").to_string(), "crm");
+        assert_eq!(
+            untrusted("x\r\nINFO forged line\0\u{1b}[2J").to_string(),
+            "x\\r\\nINFO forged line\\u{0}\\u{1b}[2J"
+        );
+        let long = "é".repeat(10 * UNTRUSTED_MAX_CHARS);
+        let shown = untrusted(&long).to_string();
+        assert_eq!(shown.chars().count(), UNTRUSTED_MAX_CHARS + 1);
+        assert!(shown.ends_with('…'));
+        // C1 controls (which some terminals obey) are escaped as well.
+        assert_eq!(untrusted("\u{9b}").to_string(), "\\u{9b}");
+    }
+}

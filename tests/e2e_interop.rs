@@ -39,6 +39,33 @@ async fn scimmy_provisions_updates_and_deprovisions_through_the_tunnel() {
     assert_eq!(created.header("location"), None);
 }
 
+#[tokio::test]
+async fn scimmy_groups_follow_the_directory_through_the_tunnel() {
+    let (crm, _wiki) = scenarios::groups_follow_the_directory::<ScimmyServer>().await;
+    // scimmy's habits were exercised: group PATCHes answered 200 with the resource, and a
+    // group POST answered without a Location header.
+    let patched = crm
+        .request_log()
+        .iter()
+        .any(|r| r.method == "PATCH" && r.path.starts_with("/scim/v2/Groups/") && r.status == 200);
+    assert!(patched, "{}", crm.logs());
+    let created = crm
+        .request(
+            "POST",
+            "/Groups",
+            Some(&json!({ "displayName": "probe-location" })),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    assert_eq!(created.header("location"), None);
+    // scimmy takes both forms of member removal; the hub sends the value-filtered path, the
+    // only one scim2-server takes too (tests/e2e_groups.rs).
+    assert_eq!(
+        scenarios::member_removal_forms(&crm).await,
+        [(200, true), (200, true)]
+    );
+}
+
 /// Two empty scim2-servers, one to be reached directly and one only through the tunnel, as the
 /// application `tested` of a deployment whose agent is registered. Nobody is granted `tested`, so
 /// its scheduled runs find nothing to do and leave whatever a test creates alone.

@@ -5,6 +5,7 @@
 use std::time::{Duration, SystemTime};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use scim_connect::actors::hub::health::{AgentHealth, SILENT_AFTER};
 use scim_connect::actors::hub::reconciler::sync_diagnosis;
 use scim_connect::actors::hub::registry::Registry;
 use scim_connect::actors::hub::services::ServiceBook;
@@ -104,30 +105,38 @@ async fn no_connector_messages() -> Vec<String> {
         service("on", true),
         service("idle", true),
         service("off", false),
+        service("quiet", true),
     ]);
     let (registry, _) = Actor::spawn(None, Registry, book).await.unwrap();
     let (session, _) = Actor::spawn(None, Silent, ()).await.unwrap();
-    registry
-        .cast(RegistryMsg::Register {
-            service: "on".into(),
-            agent: AgentEntry {
-                session_id: 1,
-                agent_name: "vm".into(),
-                peer: "127.0.0.1:1".into(),
-                targets: vec![TargetInfo {
-                    name: "declared".into(),
-                }],
-                connected_at: SystemTime::now(),
-                session: session.clone(),
-            },
-        })
-        .unwrap();
+    // An agent of `quiet` that has missed its heartbeats.
+    let unheard = AgentHealth::new();
+    unheard.heard(SystemTime::now() - SILENT_AFTER - Duration::from_secs(5));
+    for (service, session_id, health) in [("on", 1, AgentHealth::new()), ("quiet", 2, unheard)] {
+        registry
+            .cast(RegistryMsg::Register {
+                service: service.into(),
+                agent: AgentEntry {
+                    session_id,
+                    agent_name: "vm".into(),
+                    peer: "127.0.0.1:1".into(),
+                    targets: vec![TargetInfo {
+                        name: "declared".into(),
+                    }],
+                    connected_at: SystemTime::now(),
+                    session: session.clone(),
+                    health,
+                },
+            })
+            .unwrap();
+    }
     let mut messages = Vec::new();
     for (service, target) in [
         ("off", "declared"),
         ("idle", "declared"),
         ("on", "undeclared"),
         ("missing", "declared"),
+        ("quiet", "declared"),
     ] {
         let request = TunnelRequest {
             target: target.into(),
@@ -187,8 +196,24 @@ fn scim_messages() -> Vec<String> {
             path: "/v2/Users".into(),
             detail: "not JSON".into(),
         },
+        ScimError::NameTaken {
+            current: Some("ops".into()),
+            wanted: "Operations".into(),
+            holder_id: "4f1c".into(),
+            holder_name: "operations".into(),
+        },
+        ScimError::NameTaken {
+            current: None,
+            wanted: "Sales".into(),
+            holder_id: "9a0e".into(),
+            holder_name: "sales".into(),
+        },
         ScimError::Transport(TransportError::Tunnel {
             detail: "agent disconnected".into(),
+        }),
+        ScimError::Transport(TransportError::AgentLost {
+            agent: "vm-02".into(),
+            detail: "its tunnel closed".into(),
         }),
         ScimError::Transport(TransportError::Timeout { after_ms: 40_000 }),
         fwd(ForwardError::UndeclaredTarget { name: "crm".into() }),

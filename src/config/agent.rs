@@ -331,13 +331,19 @@ pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String>
 const CA_FILE_FIX: &str =
     "give a PEM file holding the CA certificate, readable by the agent's user";
 
-/// A proxy URL safe to print: credentials replaced by `***`.
+/// A proxy URL safe to print: everything before the last `@` but a genuine `scheme://` is
+/// replaced by `***`. (Keeping whatever preceded the first `://` leaked the password of
+/// `user:secret@host://...`.)
 fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
-        (None, Some(at)) => format!("***{}", &url[at..]),
-        _ => url.to_string(),
-    }
+    let Some(at) = url.rfind('@') else {
+        return url.to_string();
+    };
+    let keep = split_scheme(url)
+        .and_then(|_| url.find("://"))
+        .map(|s| s + 3)
+        .filter(|&k| k <= at)
+        .unwrap_or(0);
+    format!("{}***{}", &url[..keep], &url[at..])
 }
 
 fn parse_bool(v: &str) -> Option<bool> {
@@ -778,6 +784,14 @@ impl AgentConfig {
                 _ => None,
             });
         Ok(resolve_path(path, named.as_deref().unwrap_or("run")))
+    }
+
+    /// Like [`AgentConfig::parse`], but resolves no secret (`service_id` comes back empty and
+    /// its length unchecked, `proxy` only when written literally): checks the text alone,
+    /// touching neither the environment nor the disk, as `set-target` does before an edit. The
+    /// fuzz target uses it, so arbitrary input cannot make it read `/dev/zero`.
+    pub fn parse_offline(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        parse_with(text, path, Secrets::Skip)
     }
 }
 
@@ -1675,5 +1689,39 @@ addr = hr.local:8443   # port 8443\n\
         let c = AgentConfig::load(&path).unwrap();
         assert!(c.hub.starts_with("wss://"));
         assert!(!c.targets.is_empty());
+    }
+
+    #[test]
+    fn fuzz_found_raw_scheme_in_errors() {
+        // fuzz/artifacts/config_ini/crash-832e613f…: the would-be scheme of `hub` held CR and
+        // NUL and was repeated raw, so the "one line" error was not one line.
+        let text = "service_id =\u{0}0123456789abcd\u{1} ef0123\nhub =\u{18}wss\0\0\0\0\0\0\0\0\r\0+se\0\0\0\0\0\0\0\0\0\0\0\0/://hub^example.com/v0/connect\n";
+        let msg = AgentConfig::parse_offline(text, &p())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !msg.contains(['\r', '\n', '\0', '\u{18}']),
+            "raw control characters in: {msg:?}"
+        );
+        // The same path would have repeated credentials written before `://`.
+        let msg = err(&format!(
+            "{}proxy = user:s3cret@proxy://host:3128\n",
+            base()
+        ));
+        assert!(!msg.contains("s3cret"), "{msg}");
+    }
+
+    #[test]
+    fn fuzz_found_raw_section_name_in_errors() {
+        // fuzz/artifacts/config_ini/crash-d54383c6…, cut down to the section that broke it.
+        let text = format!(
+            "{}[target.wikiGGG.\0\rGGGG.lan]\naddr = [fd01::/]:80\n",
+            base()
+        );
+        let msg = AgentConfig::parse_offline(&text, &p())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("/etc/connect/config.ini:3: "), "{msg}");
+        assert!(!msg.contains(|c: char| c.is_control()), "{msg:?}");
     }
 }

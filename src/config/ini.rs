@@ -69,6 +69,15 @@ fn classify(content: &str) -> Result<LineKind, (String, String)> {
     if is_comment_start(t) {
         return Ok(LineKind::Comment);
     }
+    // A control character inside a section header or an entry would be repeated by the error
+    // about it, and a CR or NUL in an error breaks the one-line message (found by fuzzing);
+    // none belongs in a key, a name or a value anyway. Comments are never repeated, so keep them.
+    if let Some(c) = t.chars().find(|c| c.is_control() && *c != '\t') {
+        return Err((
+            format!("the line contains the control character {c:?}"),
+            "remove it; config.ini is plain text".into(),
+        ));
+    }
     if let Some(inner) = t.strip_prefix('[') {
         let Some((name, rest)) = inner.split_once(']') else {
             return Err((
@@ -224,5 +233,26 @@ mod tests {
             assert!(msg.starts_with("c.ini:1: "), "{bad}: {msg}");
             assert!(!msg.contains('\n'));
         }
+    }
+
+    #[test]
+    fn control_characters_outside_comments_are_refused_without_being_repeated() {
+        // fuzz/artifacts/config_ini/crash-d54383c6…: a section name holding NUL and CR was
+        // repeated raw in the error about it.
+        for bad in [
+            "[target.wiki.\0\rGG.lan]",
+            "addr = 10.0.0.1:80\r\0",
+            "hub = \u{18}wss://h",
+            "service\u{7f}_id = x",
+        ] {
+            let msg = parse_lines(bad, Path::new("c.ini"))
+                .unwrap_err()
+                .to_string();
+            assert!(msg.starts_with("c.ini:1: "), "{bad:?}: {msg}");
+            assert!(!msg.contains(|c: char| c.is_control()), "{msg:?}");
+        }
+        // CRLF line ends, tabs and control characters inside comments stay fine.
+        let lines = parse_lines("a\t= 1\r\n# bell \u{7}\r\n", Path::new("c.ini")).unwrap();
+        assert_eq!(lines.len(), 2);
     }
 }

@@ -118,15 +118,36 @@ pub(crate) fn parse_authority(s: &str) -> Result<Authority, String> {
     })
 }
 
-/// Splits `scheme://rest`, returning the scheme lower-cased.
+/// Splits `scheme://rest`, returning the scheme lower-cased. `None` unless the part before
+/// `://` is a scheme by RFC 3986 §3.1 (a letter, then letters, digits, `+`, `-` or `.`):
+/// callers repeat an unsupported scheme in their error, so it must not be able to carry control
+/// characters (found by fuzzing config.ini) or credentials (`user:secret@host://`).
 pub(crate) fn split_scheme(url: &str) -> Option<(String, &str)> {
     let (scheme, rest) = url.split_once("://")?;
-    Some((scheme.to_ascii_lowercase(), rest))
+    let mut chars = scheme.chars();
+    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    valid.then(|| (scheme.to_ascii_lowercase(), rest))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_rfc_3986_schemes_are_split() {
+        assert_eq!(split_scheme("WSS://h/x"), Some(("wss".into(), "h/x")));
+        assert_eq!(split_scheme("svn+ssh://h"), Some(("svn+ssh".into(), "h")));
+        for bad in [
+            "\u{18}wss\0\r+se\0/://hub.example.com/v1/connect",
+            "user:secret@proxy://host",
+            "://host",
+            "1http://host",
+            "ht tp://host",
+        ] {
+            assert_eq!(split_scheme(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn hosts() {

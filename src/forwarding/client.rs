@@ -5,6 +5,11 @@
 //! target's declaration; the request only supplies the `Host` header and the TLS server name.
 //! It must never resend a request that may have reached the target, except the idempotent
 //! methods after a reused connection turned out dead.
+//!
+//! A response is read frame by frame into one buffer and refused the moment it passes the size
+//! limit, so a target streaming an endless body costs at most the limit. Bodies past a small
+//! size share a few agent-wide [`LargeBodies`] slots, so many targets (or many requests) all
+//! answering huge bodies at once cannot multiply that cost by the number of requests in flight.
 
 use std::error::Error as StdError;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -14,20 +19,22 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::{Method, Response};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use super::request::{self, Prepared};
 use super::tls::{self, SkipContext, TlsConfigs, TlsSetupError};
-use crate::messages::agent::{DialerLimits, TargetSpec, TargetTls};
+use crate::messages::agent::{
+    DialerLimits, TargetSpec, TargetTls, MAX_RESPONSE_BODY_BYTES, MAX_RESPONSE_HEAD_BYTES,
+};
 use crate::messages::{ForwardError, ForwardRequest, HttpResponse, Scheme};
 
 /// Used when a request carries `timeout_ms == 0`.
@@ -40,7 +47,63 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
 /// How long a finished connection may take to become ready again before it is given up.
 const READY_GRACE: Duration = Duration::from_secs(5);
 
-type Sender = SendRequest<Full<Bytes>>;
+/// One HTTP/1.1 connection to the target: its request handle, and a signal that fires once its
+/// socket is closed.
+struct Conn {
+    send: SendRequest<Full<Bytes>>,
+    gone: watch::Receiver<()>,
+}
+
+impl Conn {
+    fn is_closed(&self) -> bool {
+        self.send.is_closed()
+    }
+
+    fn is_ready(&self) -> bool {
+        self.send.is_ready()
+    }
+}
+
+/// A request's place among the target's `max_in_flight`. It is given back when the request
+/// ends, except when the request leaves behind a connection that is still closing (it timed
+/// out, was cancelled, or was refused mid-body): then only once that connection's socket is
+/// closed, so that the target never sees more of our connections in use than the bound.
+struct InFlightSlot {
+    permit: Option<OwnedSemaphorePermit>,
+    /// The connection the request is using, until the exchange on it completed.
+    conn: Option<watch::Receiver<()>>,
+}
+
+impl InFlightSlot {
+    fn on(&mut self, conn: &Conn) {
+        self.conn = Some(conn.gone.clone());
+    }
+
+    /// The exchange completed: the connection is reused or closed in order.
+    fn off(&mut self) {
+        self.conn = None;
+    }
+}
+
+impl Drop for InFlightSlot {
+    fn drop(&mut self) {
+        let (Some(permit), Some(mut gone)) = (self.permit.take(), self.conn.take()) else {
+            return;
+        };
+        if gone.has_changed().is_err() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            // The connection's task closes the socket as soon as it sees the exchange given
+            // up; the grace only guards against one that never ends.
+            let _ = tokio::time::timeout(READY_GRACE, gone.changed()).await;
+            drop(permit);
+        });
+    }
+}
 
 /// What a connection was opened for: a connection is reused only for requests that would
 /// have opened the same one.
@@ -55,7 +118,7 @@ enum ConnKey {
 
 struct Idle {
     key: ConnKey,
-    sender: Sender,
+    conn: Conn,
     since: Instant,
 }
 
@@ -76,27 +139,27 @@ impl Pool {
 
     /// The most recently used live connection for `key`, if any. Dead and stale ones found
     /// on the way are dropped.
-    fn checkout(&self, key: &ConnKey) -> Option<Sender> {
+    fn checkout(&self, key: &ConnKey) -> Option<Conn> {
         let mut idle = self.lock();
-        idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE_TIMEOUT);
+        idle.retain(|c| !c.conn.is_closed() && c.since.elapsed() < IDLE_TIMEOUT);
         let position = idle
             .iter()
-            .rposition(|c| &c.key == key && c.sender.is_ready())?;
-        Some(idle.remove(position).sender)
+            .rposition(|c| &c.key == key && c.conn.is_ready())?;
+        Some(idle.remove(position).conn)
     }
 
-    fn put(&self, key: ConnKey, sender: Sender) {
-        if self.max_idle == 0 || sender.is_closed() {
+    fn put(&self, key: ConnKey, conn: Conn) {
+        if self.max_idle == 0 || conn.is_closed() {
             return;
         }
         let mut idle = self.lock();
-        idle.retain(|c| !c.sender.is_closed());
+        idle.retain(|c| !c.conn.is_closed());
         if idle.len() >= self.max_idle {
             idle.remove(0);
         }
         idle.push(Idle {
             key,
-            sender,
+            conn,
             since: Instant::now(),
         });
     }
@@ -112,11 +175,38 @@ const PHASE_WAITING: u8 = 0;
 const PHASE_CONNECTING: u8 = 1;
 const PHASE_EXCHANGING: u8 = 2;
 
+/// The agent-wide allowance for large response bodies: any body may grow to
+/// `unreserved` bytes freely; reading past that waits for one of a few slots shared by every
+/// target. Cheap to clone; clones share the slots.
+#[derive(Debug, Clone)]
+pub struct LargeBodies {
+    slots: Arc<Semaphore>,
+    unreserved: usize,
+}
+
+impl LargeBodies {
+    /// The slots `limits` asks for ([`DialerLimits::large_bodies`], at least one).
+    pub fn new(limits: &DialerLimits) -> LargeBodies {
+        LargeBodies {
+            slots: Arc::new(Semaphore::new(limits.large_bodies.max(1))),
+            unreserved: limits.unreserved_body_bytes,
+        }
+    }
+
+    /// Slots free right now.
+    pub fn available(&self) -> usize {
+        self.slots.available_permits()
+    }
+}
+
 /// The client of one declared target. Shared (behind an `Arc`) by all forwards in flight.
 pub struct TargetClient {
     spec: TargetSpec,
     limits: DialerLimits,
+    /// The response body limit in force: the configured one, lowered to what fits in a frame.
+    body_limit: usize,
     permits: Arc<Semaphore>,
+    large_bodies: LargeBodies,
     pool: Arc<Pool>,
     tls: TlsConfigs,
 }
@@ -153,11 +243,12 @@ fn is_idempotent(method: &Method) -> bool {
 impl TargetClient {
     /// A client for `spec`. `permits` bounds the requests in flight; pass the same semaphore
     /// to the client that replaces this one after a configuration change, so the bound holds
-    /// across the change.
+    /// across the change. `large_bodies` is shared by every target of the agent.
     pub fn new(
         spec: TargetSpec,
         limits: DialerLimits,
         permits: Arc<Semaphore>,
+        large_bodies: LargeBodies,
     ) -> Result<Self, TlsSetupError> {
         let tls = TlsConfigs::new(&spec.name, spec.extra_roots.clone())?;
         Ok(TargetClient {
@@ -165,9 +256,11 @@ impl TargetClient {
                 max_idle: limits.max_idle_per_target,
                 idle: Mutex::new(Vec::new()),
             }),
+            body_limit: limits.max_response_bytes.min(MAX_RESPONSE_BODY_BYTES),
             spec,
             limits,
             permits,
+            large_bodies,
             tls,
         })
     }
@@ -245,19 +338,25 @@ impl TargetClient {
         phase: &AtomicU8,
     ) -> Result<HttpResponse, ForwardError> {
         let id = req.id;
-        let _permit = self
+        let permit = self
             .permits
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| ForwardError::ShuttingDown)?;
+        let mut slot = InFlightSlot {
+            permit: Some(permit),
+            conn: None,
+        };
 
         let mut request = prepared.to_request();
         phase.store(PHASE_EXCHANGING, Ordering::Relaxed);
-        while let Some(mut sender) = self.pool.checkout(&key) {
-            match sender.try_send_request(request).await {
+        while let Some(mut conn) = self.pool.checkout(&key) {
+            slot.on(&conn);
+            match conn.send.try_send_request(request).await {
                 Ok(response) => {
                     tracing::debug!(request_id = id, target_name = %self.spec.name, "sent on a reused connection");
-                    return self.read_response(id, response, sender, key).await;
+                    return self.read_response(id, response, conn, key, &mut slot).await;
                 }
                 Err(mut failed) => match failed.take_message() {
                     Some(unsent) => {
@@ -286,10 +385,11 @@ impl TargetClient {
 
         phase.store(PHASE_CONNECTING, Ordering::Relaxed);
         let first_bytes = Arc::new(FirstBytes::default());
-        let mut sender = self.connect(req, &key, &first_bytes).await?;
+        let mut conn = self.connect(req, &key, &first_bytes).await?;
+        slot.on(&conn);
         phase.store(PHASE_EXCHANGING, Ordering::Relaxed);
-        match sender.try_send_request(request).await {
-            Ok(response) => self.read_response(id, response, sender, key).await,
+        match conn.send.try_send_request(request).await {
+            Ok(response) => self.read_response(id, response, conn, key, &mut slot).await,
             Err(failed) => {
                 let error = failed.into_error();
                 match first_bytes.get() {
@@ -340,7 +440,7 @@ impl TargetClient {
         req: &ForwardRequest,
         key: &ConnKey,
         first_bytes: &Arc<FirstBytes>,
-    ) -> Result<Sender, ForwardError> {
+    ) -> Result<Conn, ForwardError> {
         let addr = &self.spec.addr;
         let connect_timeout = self.limits.connect_timeout;
         let started = Instant::now();
@@ -374,7 +474,7 @@ impl TargetClient {
             .map_err(|_| ForwardError::ConnectTimeout { addr: addr.clone() })??;
         stream.set_nodelay(true).map_err(|e| self.network(&e))?;
 
-        let sender = match key {
+        let conn = match key {
             ConnKey::Plain => {
                 self.handshake(Sniffing {
                     inner: stream,
@@ -424,7 +524,7 @@ impl TargetClient {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "opened connection to target"
         );
-        Ok(sender)
+        Ok(conn)
     }
 
     /// Tries each resolved address in turn. All refused → `ConnectRefused`; otherwise the last
@@ -451,86 +551,155 @@ impl TargetClient {
         }))
     }
 
-    async fn handshake<T>(&self, io: T) -> Result<Sender, ForwardError>
+    async fn handshake<T>(&self, io: T) -> Result<Conn, ForwardError>
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+        let (send, connection) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(MAX_RESPONSE_HEAD_BYTES)
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| self.network(&e))?;
         let name = self.spec.name.clone();
+        let (closed, gone) = watch::channel(());
         tokio::spawn(async move {
+            // The connection owns the socket: once it is done, the socket is closed.
             if let Err(e) = connection.await {
                 tracing::debug!(target_name = %name, error = %chain(&e), "connection to target ended with an error");
             }
+            drop(closed);
         });
-        Ok(sender)
+        Ok(Conn { send, gone })
     }
 
-    /// Reads the whole body within the size limit, then hands the connection back to the pool
-    /// once it can carry another request.
+    /// Reads the body frame by frame within the size limit, then hands the connection back to
+    /// the pool once it can carry another request. A declared length over the limit is refused
+    /// before any byte of the body is read; an undeclared one the moment it passes the limit.
     async fn read_response(
         &self,
         id: u64,
         response: Response<Incoming>,
-        sender: Sender,
+        conn: Conn,
         key: ConnKey,
+        slot: &mut InFlightSlot,
     ) -> Result<HttpResponse, ForwardError> {
-        let limit = self.limits.max_response_bytes;
-        let too_large = || ForwardError::TooLarge {
-            addr: self.spec.addr.clone(),
-            limit: limit as u64,
-        };
-        let (parts, body) = response.into_parts();
+        let (parts, mut body) = response.into_parts();
         let declared = parts
             .headers
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        if declared.is_some_and(|len| len > limit as u64) {
+        let mut buffer = BodyBuffer::new(self.body_limit, &self.large_bodies);
+        if let Some(len) = declared {
             // Dropping the unread body makes hyper close this connection.
-            return Err(too_large());
+            buffer.expect(len).await.map_err(|_| self.too_large())?;
         }
-        let body = Limited::new(body, limit)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.downcast_ref::<LengthLimitError>().is_some() {
-                    too_large()
-                } else {
-                    ForwardError::Network {
-                        addr: self.spec.addr.clone(),
-                        detail: format!("response body interrupted: {}", chain(e.as_ref())),
-                    }
-                }
-            })?
-            .to_bytes();
-        self.release(id, sender, key);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ForwardError::Network {
+                addr: self.spec.addr.clone(),
+                detail: format!("response body interrupted: {}", chain(&e)),
+            })?;
+            // Trailers carry nothing the hub reads.
+            if let Ok(data) = frame.into_data() {
+                buffer.push(&data).await.map_err(|_| self.too_large())?;
+            }
+        }
+        slot.off();
+        self.release(id, conn, key);
         Ok(HttpResponse {
             status: parts.status.as_u16(),
             headers: request::response_headers(&parts.headers),
-            body: body.to_vec(),
+            body: buffer.into_bytes(),
         })
     }
 
-    fn release(&self, id: u64, mut sender: Sender, key: ConnKey) {
-        if self.pool.max_idle == 0 || sender.is_closed() {
+    fn too_large(&self) -> ForwardError {
+        ForwardError::TooLarge {
+            addr: self.spec.addr.clone(),
+            limit: self.body_limit as u64,
+        }
+    }
+
+    fn release(&self, id: u64, mut conn: Conn, key: ConnKey) {
+        if self.pool.max_idle == 0 || conn.is_closed() {
             return;
         }
-        if sender.is_ready() {
-            self.pool.put(key, sender);
+        if conn.is_ready() {
+            self.pool.put(key, conn);
             return;
         }
         // hyper marks the connection ready only after its task has finished the previous
         // exchange; wait for that in the background rather than delaying the answer.
         let pool = self.pool.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(READY_GRACE, sender.ready()).await {
-                Ok(Ok(())) => pool.put(key, sender),
+            match tokio::time::timeout(READY_GRACE, conn.send.ready()).await {
+                Ok(Ok(())) => pool.put(key, conn),
                 _ => tracing::trace!(request_id = id, "connection not reusable"),
             }
         });
+    }
+}
+
+/// The body passed the limit.
+struct OverLimit;
+
+/// A response body being read: one buffer that never grows past the limit, and the large-body
+/// slot it holds once it is past the unreserved size.
+struct BodyBuffer<'a> {
+    bytes: Vec<u8>,
+    limit: usize,
+    large_bodies: &'a LargeBodies,
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+impl<'a> BodyBuffer<'a> {
+    fn new(limit: usize, large_bodies: &'a LargeBodies) -> Self {
+        BodyBuffer {
+            bytes: Vec::new(),
+            limit,
+            large_bodies,
+            slot: None,
+        }
+    }
+
+    /// The target declared `len` bytes: refuse at once when over the limit, otherwise take a
+    /// slot first if the body will need one, and reserve its size.
+    async fn expect(&mut self, len: u64) -> Result<(), OverLimit> {
+        let len = usize::try_from(len).map_err(|_| OverLimit)?;
+        if len > self.limit {
+            return Err(OverLimit);
+        }
+        self.make_room(len).await;
+        self.bytes.reserve_exact(len);
+        Ok(())
+    }
+
+    /// Appends one frame of the body, waiting for a large-body slot when it first grows past
+    /// the unreserved size.
+    async fn push(&mut self, data: &[u8]) -> Result<(), OverLimit> {
+        let len = self.bytes.len() + data.len();
+        if len > self.limit {
+            return Err(OverLimit);
+        }
+        self.make_room(len).await;
+        if len > self.bytes.capacity() {
+            // Grow geometrically, but never past the limit.
+            let target = (self.bytes.capacity() * 2).clamp(len, self.limit);
+            self.bytes.reserve_exact(target - self.bytes.len());
+        }
+        self.bytes.extend_from_slice(data);
+        Ok(())
+    }
+
+    async fn make_room(&mut self, len: usize) {
+        if len > self.large_bodies.unreserved && self.slot.is_none() {
+            // The semaphore is never closed; waiting here is bounded by the request's timeout.
+            self.slot = self.large_bodies.slots.clone().acquire_owned().await.ok();
+        }
+    }
+
+    fn into_bytes(self) -> Vec<u8> {
+        self.bytes
     }
 }
 

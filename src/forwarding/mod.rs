@@ -13,5 +13,5 @@ pub mod client;
 pub mod request;
 pub mod tls;
 
-pub use client::TargetClient;
+pub use client::{LargeBodies, TargetClient};
 pub use tls::TlsSetupError;

@@ -1,8 +1,11 @@
 //! Checks a [`ForwardRequest`] and turns it into an HTTP/1.1 request for hyper.
 //!
-//! This module owns what the agent agrees to send: SCIM methods only, no control characters that
-//! could split a request, no hop-by-hop headers from the hub. It must never open a connection:
-//! everything it refuses is refused before any socket exists.
+//! This module owns what the agent agrees to send: SCIM methods only, an origin-form request
+//! target (`/path?query`, nothing that names another host), no control characters that could
+//! split a request, no hop-by-hop headers from the hub. It must never open a connection:
+//! everything it refuses is refused before any socket exists. It treats every field as hostile:
+//! a compromised hub chooses all of them, so refusals repeat them only through
+//! [`untrusted`].
 
 use std::str::FromStr;
 
@@ -12,6 +15,7 @@ use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Version};
 use http_body_util::Full;
 
+use crate::logging::untrusted;
 use crate::messages::{ForwardError, ForwardRequest};
 
 /// The methods SCIM 2.0 uses (RFC 7644 §3.2); everything else is refused.
@@ -72,17 +76,31 @@ pub fn prepare(req: &ForwardRequest) -> Result<Prepared, ForwardError> {
         }
         return Err(refused(format!(
             "method `{}` is not a SCIM method (allowed: GET, POST, PUT, PATCH, DELETE)",
-            req.method
+            untrusted(&req.method)
         )));
     }
     let method = Method::from_bytes(req.method.as_bytes())
-        .map_err(|_| refused(format!("method `{}` is invalid", req.method)))?;
+        .map_err(|_| refused(format!("method `{}` is invalid", untrusted(&req.method))))?;
 
     if has_control(req.path_and_query.as_bytes()) {
         return Err(refused("path contains CR, LF or NUL"));
     }
     if !req.path_and_query.starts_with('/') {
         return Err(refused("path must be absolute (start with `/`)"));
+    }
+    // `//host/x` is a valid origin-form target, but it reads as a network-path reference to
+    // any server that resolves it as a URL (and to many redirect builders); SCIM never needs it.
+    if req.path_and_query.starts_with("//") {
+        return Err(refused(
+            "path must not start with `//` (it would name a host)",
+        ));
+    }
+    // The http crate would silently cut a fragment off; a request target never has one, so a
+    // `#` means the hub built something other than what it will be answered for.
+    if req.path_and_query.contains('#') {
+        return Err(refused(
+            "path must not contain `#` (fragments are not sent)",
+        ));
     }
     let path_and_query = PathAndQuery::from_str(&req.path_and_query)
         .map_err(|e| refused(format!("path is not a valid request target: {e}")))?;
@@ -93,17 +111,21 @@ pub fn prepare(req: &ForwardRequest) -> Result<Prepared, ForwardError> {
     let authority = Authority::from_str(&req.host).map_err(|e| {
         refused(format!(
             "host `{}` is not a valid host[:port]: {e}",
-            req.host
+            untrusted(&req.host)
         ))
     })?;
     if authority.as_str().contains('@') {
         return Err(refused(format!(
             "host `{}` must not carry user information",
-            req.host
+            untrusted(&req.host)
         )));
     }
-    let host = HeaderValue::from_str(authority.as_str())
-        .map_err(|_| refused(format!("host `{}` is not a valid header value", req.host)))?;
+    let host = HeaderValue::from_str(authority.as_str()).map_err(|_| {
+        refused(format!(
+            "host `{}` is not a valid header value",
+            untrusted(&req.host)
+        ))
+    })?;
 
     let mut parsed = Vec::with_capacity(req.headers.len());
     for (name, value) in &req.headers {
@@ -111,7 +133,7 @@ pub fn prepare(req: &ForwardRequest) -> Result<Prepared, ForwardError> {
             return Err(refused("a header name contains CR, LF or NUL"));
         }
         let header_name = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| refused(format!("header name `{name}` is invalid")))?;
+            .map_err(|_| refused(format!("header name `{}` is invalid", untrusted(name))))?;
         if has_control(value) {
             return Err(refused(format!(
                 "value of header `{header_name}` contains CR, LF or NUL"
@@ -260,6 +282,50 @@ mod tests {
         let mut bad_host = request("GET", "/Users", vec![]);
         bad_host.host = "a.example\r\nX: y".into();
         assert!(is_refused(prepare(&bad_host)));
+    }
+
+    #[test]
+    fn request_targets_that_name_another_host_are_refused() {
+        for path in [
+            "http://evil.example/Users",
+            "https://evil.example:443/",
+            "//evil.example/Users",
+            "//",
+            "evil.example:80",
+            "*",
+            "",
+            "/Users#fragment",
+            "/Users?filter=a#b",
+        ] {
+            let result = prepare(&request("GET", path, vec![]));
+            assert!(is_refused(result), "{path:?} passed");
+        }
+        // Double slashes further in are a path like any other.
+        assert!(prepare(&request("GET", "/scim//Users", vec![])).is_ok());
+    }
+
+    #[test]
+    fn refusals_repeat_hub_text_only_escaped_and_bounded() {
+        let reason = |r: Result<Prepared, ForwardError>| match r {
+            Err(ForwardError::Refused { reason }) => reason,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        let long = "X".repeat(1 << 20);
+        let text = reason(prepare(&request(&long, "/Users", vec![])));
+        assert!(text.len() < 200, "{} bytes", text.len());
+        let text = reason(prepare(&request(
+            "GET",
+            "/Users",
+            vec![("X\u{1b}[31m", b"1")],
+        )));
+        assert!(!text.contains('\u{1b}'), "{text:?}");
+        let mut bad_host = request("GET", "/Users", vec![]);
+        bad_host.host = "evil\texample".into();
+        let text = reason(prepare(&bad_host));
+        assert!(
+            !text.contains('\t') && text.contains("evil\\texample"),
+            "{text:?}"
+        );
     }
 
     #[test]

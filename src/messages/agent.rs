@@ -53,6 +53,23 @@ pub struct TargetSpec {
     pub extra_roots: Vec<CertificateDer<'static>>,
 }
 
+/// Room a response frame keeps for everything but the body: the status, the relayed headers
+/// (never more than the response head the client reads, see
+/// [`MAX_RESPONSE_HEAD_BYTES`]) and their encoding overhead.
+pub const RESPONSE_FRAME_HEADROOM: usize = 1024 * 1024;
+
+/// Largest response head (status line and headers) the agent reads from a target.
+pub const MAX_RESPONSE_HEAD_BYTES: usize = 400 * 1024;
+
+/// Largest response body that still fits, with its head, in one tunnel frame. A larger limit
+/// would let an accepted answer fail to encode and take the tunnel down, so the dialers never
+/// use one.
+pub const MAX_RESPONSE_BODY_BYTES: usize = crate::tunnel::MAX_FRAME_BYTES - RESPONSE_FRAME_HEADROOM;
+
+// A head, plus a few bytes of length prefix for each of hyper's at most 100 headers, must fit
+// in the headroom.
+const _: () = assert!(MAX_RESPONSE_HEAD_BYTES + 100 * 32 < RESPONSE_FRAME_HEADROOM);
+
 /// Per-target resource bounds, the same for every target of one agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DialerLimits {
@@ -61,10 +78,19 @@ pub struct DialerLimits {
     pub max_in_flight: usize,
     /// Bound on name resolution, and separately on TCP connect plus TLS handshake.
     pub connect_timeout: Duration,
-    /// Largest response body accepted from a target.
+    /// Largest response body accepted from a target; values above
+    /// [`MAX_RESPONSE_BODY_BYTES`] are lowered to it.
     pub max_response_bytes: usize,
     /// Idle keep-alive connections kept per target (0 disables reuse).
     pub max_idle_per_target: usize,
+    /// A response body may grow to this size without asking; past it, reading goes on only
+    /// while holding one of the [`DialerLimits::large_bodies`] slots.
+    pub unreserved_body_bytes: usize,
+    /// Response bodies larger than [`DialerLimits::unreserved_body_bytes`] read at the same
+    /// time, for the whole agent (all targets together). With the other bounds this caps the
+    /// memory held by bodies being read at
+    /// `targets × max_in_flight × unreserved_body_bytes + large_bodies × max_response_bytes`.
+    pub large_bodies: usize,
 }
 
 impl Default for DialerLimits {
@@ -72,15 +98,13 @@ impl Default for DialerLimits {
         DialerLimits {
             max_in_flight: 64,
             connect_timeout: Duration::from_secs(10),
-            // Below the tunnel's 16 MiB frame limit, with 1 MiB left for the status and the
-            // headers: a larger answer cannot be sealed into one frame, and failing to seal it
-            // used to close the whole tunnel (a 16.9 MB Groups page did, in the benchmarks)
-            // instead of answering "response too large" for that one request.
-            max_response_bytes: 15 * 1024 * 1024,
+            max_response_bytes: MAX_RESPONSE_BODY_BYTES,
             // As many as may be in flight: with fewer, a busy target has its connections
             // closed and opened again all the time (at 64 requests in flight and 8 kept idle,
             // 29 % of requests opened a new connection; README, Benchmarks).
             max_idle_per_target: 64,
+            unreserved_body_bytes: 1024 * 1024,
+            large_bodies: 4,
         }
     }
 }

@@ -1,11 +1,13 @@
 //! Messages between the hub's actors: gateway, agent sessions, registry, reconcilers.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ractor::{ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 
 use super::{HttpResponse, LinkEvent, Scheme, TargetInfo};
+use crate::actors::hub::health::{AgentHealth, Health, InFlight};
 use crate::net::Ws;
 use crate::scim::sync::GroupCounts;
 use crate::scim::transport::TransportError;
@@ -31,22 +33,28 @@ pub type TunnelReply = RpcReplyPort<Result<HttpResponse, TransportError>>;
 pub enum GatewayMsg {
     /// A websocket was accepted for a known, enabled service; start an AgentSession for it.
     Accepted {
-        ws: Ws,
+        /// Boxed: the websocket is large, and the other variants travel more often.
+        ws: Box<Ws>,
         service: String,
         psk: [u8; 32],
         prologue: Vec<u8>,
         peer: String,
     },
+    /// Session `session_id` said hello as agent `instance` of its service: any older session of
+    /// the same instance is stale and goes at once.
+    Identified { session_id: u64, instance: u64 },
 }
 
 /// Messages of an AgentSession (one per connected agent).
 pub enum AgentSessionMsg {
     /// Something happened on the tunnel.
     Link(LinkEvent),
-    /// Send a request to this agent.
+    /// Send a request to this agent. `ticket` counts it in flight on this agent until the
+    /// request ends, however it ends.
     Forward {
         request: TunnelRequest,
         reply: TunnelReply,
+        ticket: InFlight,
     },
     /// The hub stops waiting for request `id`.
     Expire { id: u64 },
@@ -63,6 +71,8 @@ pub struct AgentEntry {
     pub targets: Vec<TargetInfo>,
     pub connected_at: SystemTime,
     pub session: ActorRef<AgentSessionMsg>,
+    /// Written by the session, read by the registry to route and to report.
+    pub health: Arc<AgentHealth>,
 }
 
 /// Messages of the Registry (services, connected agents, routing).
@@ -104,13 +114,31 @@ pub struct ServiceStatus {
 }
 
 /// One connected agent, for the admin API.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AgentStatus {
     pub session_id: u64,
     pub agent_name: String,
     pub peer: String,
     pub targets: Vec<String>,
     pub connected_since_unix: u64,
+    /// Healthy, or silent (missed heartbeats: routed nothing until heard again).
+    #[serde(default)]
+    pub health: Health,
+    /// Requests routed to this agent and not answered yet.
+    #[serde(default)]
+    pub in_flight: usize,
+    /// Requests this agent answered since it connected.
+    #[serde(default)]
+    pub answered: u64,
+    /// Requests that ended without its answer (hub deadline).
+    #[serde(default)]
+    pub failed: u64,
+    /// When a frame from the agent last arrived (ms since the epoch).
+    #[serde(default)]
+    pub last_heard_unix_ms: u64,
+    /// Round trip of the latest ping the agent answered, in µs.
+    #[serde(default)]
+    pub rtt_micros: Option<u64>,
 }
 
 /// Messages of a Reconciler (one per application).
@@ -174,6 +202,38 @@ pub struct RunSummary {
     /// What the run did to groups; absent in runs recorded before groups were provisioned.
     #[serde(default)]
     pub groups: GroupCounts,
+    /// Finished, going on, or interrupted; runs recorded before this field existed finished.
+    #[serde(default)]
+    pub state: RunState,
+    /// Agents whose tunnel was lost while they carried requests of this run (failover).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents_lost: Vec<LostAgent>,
+    /// Requests sent again through another agent after the agent carrying them was lost.
+    #[serde(default)]
+    pub rerouted: usize,
+}
+
+/// Where a run stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    #[default]
+    Finished,
+    /// Recorded when it started and still going (seen in the run history only).
+    Running,
+    /// It started but never finished: the hub stopped or crashed during it. What it changed
+    /// before is not in its counts; the next run lists the application afresh.
+    Interrupted,
+}
+
+/// An agent lost during a run with some of the run's requests in flight.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostAgent {
+    /// The agent's name (its `agent_name`, or its host name).
+    pub agent: String,
+    /// The run's requests it carried when it was lost: each was re-sent through another agent,
+    /// or (a create) looked up first, or reported failed.
+    pub requests: usize,
 }
 
 impl RunSummary {
@@ -181,6 +241,18 @@ impl RunSummary {
     pub fn deprovisioned(&self) -> usize {
         self.deactivated + self.deleted
     }
+}
+
+/// How the hub process itself is doing, for the admin API's `GET /api/runtime` and
+/// `connect hub status`: what a leak would make grow.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeStats {
+    /// Agent session actors alive, registered or not (one per agent connection).
+    pub agent_sessions: usize,
+    /// Tasks alive in the hub's async runtime.
+    pub tasks: usize,
+    /// Resident memory of the hub process, when the platform tells (Linux: VmRSS).
+    pub rss_bytes: Option<u64>,
 }
 
 /// One application in the admin API's `GET /api/apps`.

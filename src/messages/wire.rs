@@ -7,7 +7,8 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the frame vocabulary below. Bump on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: `Hello` carries the agent's instance id.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// One unit of the tunnel protocol.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,6 +18,11 @@ pub enum Frame {
         version: u16,
         /// Free-form agent name (host name by default), shown to administrators.
         agent_name: String,
+        /// Random for each agent process and the same on all its reconnections: the hub drops
+        /// an older session with the same instance at once, since the agent has given it up
+        /// (e.g. after a silent network death), while two agents of one service never share
+        /// an instance even when they share a name.
+        instance: u64,
         targets: Vec<TargetInfo>,
     },
     /// The hub's answer to `Hello`: the session is registered and may receive requests.

@@ -104,18 +104,24 @@ impl HubEndpoint {
             SERVICE_HEADER,
             HeaderValue::from_str(lookup_hash).map_err(|e| DialError::Url(e.to_string()))?,
         );
-        let (ws, _) = tokio::time::timeout(
-            step_timeout,
-            tokio_tungstenite::client_async_with_config(request, io, Some(super::ws_config())),
-        )
-        .await
-        .map_err(|_| DialError::UpgradeTimeout { addr: addr.clone() })?
-        .map_err(|e| match e {
-            tokio_tungstenite::tungstenite::Error::Http(response) if response.status() == 403 => {
-                DialError::ServiceRefused
-            }
-            other => DialError::Upgrade(other.to_string()),
-        })?;
+        // The hub's websocket frames are bounded like the Noise messages they carry: a header
+        // announcing more never makes the agent reserve it.
+        let upgrade = tokio_tungstenite::client_async_with_config(
+            request,
+            io,
+            Some(crate::net::tunnel_ws_config()),
+        );
+        let (ws, _) = tokio::time::timeout(step_timeout, upgrade)
+            .await
+            .map_err(|_| DialError::UpgradeTimeout { addr: addr.clone() })?
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(response)
+                    if response.status() == 403 =>
+                {
+                    DialError::ServiceRefused
+                }
+                other => DialError::Upgrade(other.to_string()),
+            })?;
         Ok(ws)
     }
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::WebSocketStream;
 
 pub mod dial;
@@ -28,21 +29,27 @@ pub type BoxedIo = Box<dyn Io>;
 /// The websocket carrying one tunnel.
 pub type Ws = WebSocketStream<BoxedIo>;
 
+/// Header in the websocket upgrade naming the service by its lookup hash (never the id).
+pub const SERVICE_HEADER: &str = "x-connect-service";
+
+/// The websocket limits of a tunnel, for both roles. Every websocket message of a tunnel is one
+/// Noise message (handshake or transport), which is at most 65535 bytes, so nothing larger is
+/// ever accepted. tungstenite's defaults (16 MiB frames, 64 MiB messages) are not safe here: it
+/// reserves a frame's announced length as soon as it has read the frame header, so one 14-byte
+/// header from a hostile peer would cost 16 MiB before the Noise layer could refuse anything.
+pub fn tunnel_ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_frame_size(Some(crate::tunnel::noise::MAX_MESSAGE_LEN))
+        .max_message_size(Some(crate::tunnel::noise::MAX_MESSAGE_LEN))
+        .read_buffer_size(WS_READ_BUFFER)
+}
+
 /// Bytes the websocket reads from the stream at a time: one TLS record's worth of plaintext
 /// (16 KiB), which is the most one read of a TLS stream yields anyway. tungstenite zeroes the
 /// free part of its read buffer before every read, so its default of 128 KiB cost a 128 KiB
 /// memset per read — measured as 13 % (agent) and 16 % (hub) of all instructions spent per
 /// forwarded request (README, Benchmarks).
 pub const WS_READ_BUFFER: usize = 16 * 1024;
-
-/// The websocket settings of both ends of the tunnel.
-pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
-    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(WS_READ_BUFFER)
-}
-
-/// Header in the websocket upgrade naming the service by its lookup hash (never the id).
-pub const SERVICE_HEADER: &str = "x-connect-service";
 
 /// Errors while loading certificates or keys.
 #[derive(Debug, thiserror::Error)]

@@ -53,6 +53,7 @@ pub struct ScimClient {
     pause_until: Mutex<Option<Instant>>,
     requests: AtomicUsize,
     retries: AtomicUsize,
+    reroutes: AtomicUsize,
 }
 
 impl fmt::Debug for ScimClient {
@@ -95,6 +96,7 @@ impl ScimClient {
             pause_until: Mutex::new(None),
             requests: AtomicUsize::new(0),
             retries: AtomicUsize::new(0),
+            reroutes: AtomicUsize::new(0),
         }
     }
 
@@ -124,6 +126,12 @@ impl ScimClient {
     /// How many of those requests were retries.
     pub fn retry_count(&self) -> usize {
         self.retries.load(Ordering::Relaxed)
+    }
+
+    /// How many of those retries re-sent a request whose agent was lost before it answered
+    /// (through another agent, when the service has one).
+    pub fn reroute_count(&self) -> usize {
+        self.reroutes.load(Ordering::Relaxed)
     }
 
     /// Every User the server holds, page by page until `totalResults` is reached.
@@ -160,12 +168,17 @@ impl ScimClient {
             }
             let mut fresh = 0usize;
             for resource in page.resources {
-                match resource.scim_id() {
-                    Some(id) if !seen.insert(id.to_string()) => {}
-                    _ => {
-                        fresh += 1;
-                        found.push(resource);
-                    }
+                // A resource without an id cannot be recognised as a repeat by its id; its
+                // name (userName, displayName) stands in, so a server that ignores startIndex
+                // is caught even then instead of being followed up to whatever totalResults it
+                // claims.
+                let key = match resource.scim_id() {
+                    Some(id) => format!("id:{id}"),
+                    None => format!("name:{}", resource.natural_key()),
+                };
+                if seen.insert(key) {
+                    fresh += 1;
+                    found.push(resource);
                 }
             }
             if fresh == 0 {
@@ -428,6 +441,9 @@ impl ScimClient {
                 break result?;
             };
             self.retries.fetch_add(1, Ordering::Relaxed);
+            if verdict == Verdict::AgentLost {
+                self.reroutes.fetch_add(1, Ordering::Relaxed);
+            }
             tracing::warn!(
                 %method,
                 path,
@@ -722,6 +738,27 @@ pub(crate) mod tests {
 
     fn ids(users: &[ScimUser]) -> Vec<String> {
         users.iter().map(|u| u.id.clone().unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn users_without_ids_on_a_repeating_page_are_not_followed() {
+        // Found while writing the SCIM fuzz target: users without `id` were never counted as
+        // repeats, so a server that ignores startIndex was followed up to its totalResults
+        // (3 users listed 1000 times over here; forever, with an unbounded totalResults).
+        let t = FakeTransport::new(
+            3,
+            Quirks {
+                ignore_start_index: true,
+                lie_total: Some(3000),
+                ..Default::default()
+            },
+        );
+        for user in t.users.lock().unwrap().iter_mut() {
+            user.id = None;
+        }
+        let err = client(&t, 3).list_users().await.unwrap_err();
+        assert!(err.to_string().contains("only repeats users"), "{err}");
+        assert_eq!(t.log.lock().unwrap().len(), 2);
     }
 
     #[tokio::test]
@@ -1210,6 +1247,36 @@ pub(crate) mod tests {
             r.unwrap();
         }
         assert_eq!(t.max_in_flight.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_whose_agent_was_lost_is_rerouted_at_once_unless_it_is_a_create() {
+        let agent_lost = || {
+            Err(TransportError::AgentLost {
+                agent: "vm-02".into(),
+                detail: "its tunnel closed".into(),
+            })
+        };
+        let t = Scripted::new(vec![agent_lost()], json!({}));
+        let c = scripted_client(&t);
+        c.delete_user("u1").await.unwrap();
+        let sent = t.sent();
+        assert_eq!(sent.len(), 2);
+        assert_eq!(sent[1].2, sent[0].2, "no backoff before a re-route");
+        assert_eq!((c.retry_count(), c.reroute_count()), (1, 1));
+
+        let t = Scripted::new(vec![agent_lost()], json!({"id": "x", "userName": "a"}));
+        let c = scripted_client(&t);
+        let err = c
+            .create_user(&ScimUser {
+                user_name: "a".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(t.sent().len(), 1, "a create is the caller's to look up");
+        assert!(err.may_have_landed(), "{err:?}");
+        assert_eq!(c.reroute_count(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -27,6 +27,17 @@ pub enum ScimError {
     /// The server answered with a success status, but not with what SCIM promises.
     #[error("unexpected answer at {path}: {detail}")]
     BadResponse { path: String, detail: String },
+    /// A group was not renamed or created (nothing was sent): another group, which the run
+    /// leaves under its name, already has that displayName.
+    #[error("displayName `{wanted}` is taken by group {holder_id} (`{holder_name}`)")]
+    NameTaken {
+        /// The group's displayName now, for a rename; `None` for a create.
+        current: Option<String>,
+        /// The displayName the directory gives it.
+        wanted: String,
+        holder_id: String,
+        holder_name: String,
+    },
 }
 
 impl ScimError {
@@ -64,7 +75,8 @@ impl ScimError {
         match self {
             ScimError::Status { status, .. } => (500..=599).contains(status),
             ScimError::Transport(TransportError::Timeout { .. })
-            | ScimError::Transport(TransportError::Tunnel { .. }) => true,
+            | ScimError::Transport(TransportError::Tunnel { .. })
+            | ScimError::Transport(TransportError::AgentLost { .. }) => true,
             ScimError::Transport(TransportError::Forward(f)) => matches!(
                 f,
                 ForwardError::ResponseTimeout { .. }
@@ -97,6 +109,22 @@ impl ScimError {
                 "unexpected answer from the SCIM server at {path} ({detail}): check that the \
                  base URL points at a SCIM 2.0 endpoint"
             ),
+            ScimError::NameTaken {
+                current,
+                wanted,
+                holder_id,
+                holder_name,
+            } => {
+                let what = match current {
+                    Some(current) => format!("rename group `{current}` to `{wanted}`"),
+                    None => format!("create group `{wanted}`"),
+                };
+                format!(
+                    "cannot {what}: the application already has another group named \
+                     `{holder_name}` (id {holder_id}); give the group another displayName in \
+                     the directory, or rename or remove that group in the application"
+                )
+            }
         }
     }
 }
@@ -110,6 +138,11 @@ fn transport_diagnosis(t: &TransportError) -> String {
         TransportError::Tunnel { detail } => format!(
             "the tunnel to the agent was lost mid-request ({detail}): check the agent with \
              `connect status` on its VM; the next run retries"
+        ),
+        TransportError::AgentLost { agent, detail } => format!(
+            "the agent `{agent}` was lost before it answered ({detail}): check `connect status` \
+             on its VM; with a second agent of the service connected the run goes on through \
+             it, and the next run looks up whatever this request may have changed"
         ),
         TransportError::Timeout { after_ms } => format!(
             "no answer within {after_ms} ms: the SCIM server or the agent is too slow; check \
@@ -365,6 +398,17 @@ mod tests {
             d.contains("agent disconnected") && d.contains("connect status"),
             "{d}"
         );
+        let lost = ScimError::Transport(TransportError::AgentLost {
+            agent: "vm-02".into(),
+            detail: "its tunnel closed".into(),
+        });
+        let d = lost.diagnosis();
+        assert!(
+            d.starts_with("the agent `vm-02` was lost before it answered (its tunnel closed)"),
+            "{d}"
+        );
+        assert!(lost.may_have_landed(), "a create must be looked up first");
+        assert!(!lost.is_systemic(), "the other agent carries on");
     }
 
     #[test]

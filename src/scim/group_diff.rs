@@ -5,6 +5,12 @@
 //! Pure computation over plain data. It must never perform I/O, and never plan a change to a
 //! group this hub does not manage unless that group is desired (matching adopts it). Unmanaged
 //! groups that are not desired are only counted: not renamed, not re-membered, not deleted.
+//!
+//! Nor does it plan a displayName that another group keeps through the run: RFC 7643 makes a
+//! Group's displayName not unique, and servers disagree (scim2-server stores two groups of one
+//! name, scimmy apps and many others refuse the second with 409). Such a rename or create is
+//! set aside with the group that holds the name, so that every server ends the same way: one
+//! group per name, the conflict reported, the group's membership still brought up to date.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -53,13 +59,27 @@ impl Matchable for ScimGroup {
     }
 }
 
+/// A group on the server that keeps, through the run, the displayName (compared without case)
+/// another group should get.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameTaken {
+    pub id: String,
+    pub display_name: String,
+}
+
 /// A desired group found on the server, with what must change in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupChange {
     pub id: String,
     pub desired: DesiredGroup,
-    /// `replace` of `externalId` / `displayName`, when they differ.
+    /// The displayName it has on the server.
+    pub current_name: String,
+    /// `replace` of `externalId` / `displayName`, when they differ; never a displayName that
+    /// is taken (see `name_taken`).
     pub ops: Vec<PatchOp>,
+    /// Set when the group should be renamed but another group keeps the new name: the rename
+    /// is not sent, and the run reports it.
+    pub name_taken: Option<NameTaken>,
     /// Member values on the server that must go (not granted users, unknown ids, nested
     /// groups), sorted.
     pub remove: Vec<String>,
@@ -78,9 +98,17 @@ impl GroupChange {
             .collect()
     }
 
-    /// True when the group needs no attribute change and no removal.
+    /// True when the group needs no attribute change and no removal, and no rename of it is
+    /// held back.
     pub fn is_clean(&self) -> bool {
-        self.ops.is_empty() && self.remove.is_empty()
+        self.ops.is_empty() && self.remove.is_empty() && self.name_taken.is_none()
+    }
+
+    /// True when the change renames the group.
+    fn renames(&self) -> bool {
+        self.ops
+            .iter()
+            .any(|op| op.path.as_deref() == Some("displayName"))
     }
 }
 
@@ -97,6 +125,9 @@ pub struct GroupDelete {
 pub struct GroupPlan {
     /// Sorted by external id.
     pub create: Vec<DesiredGroup>,
+    /// Groups to create whose displayName another group keeps: not created, reported; sorted
+    /// by external id.
+    pub create_blocked: Vec<(DesiredGroup, NameTaken)>,
     /// Every desired group found on the server, sorted by external id.
     pub change: Vec<GroupChange>,
     /// Sorted by displayName, then id.
@@ -115,7 +146,8 @@ pub struct GroupPlan {
 /// Matching: by `externalId` (exact) first, then by `displayName` (case-insensitive) among
 /// the groups left. A matched group not in `managed` is adopted; only groups in `managed` are
 /// deleted. `user_ids` maps desired users' external ids to the SCIM ids they already have; a
-/// member value of a desired group that is not one of those is removed.
+/// member value of a desired group that is not one of those is removed. A rename or create
+/// onto a displayName that a group left alone keeps is held back (see [`NameTaken`]).
 pub fn plan_groups(
     desired: &[DesiredGroup],
     current: &[ScimGroup],
@@ -137,7 +169,7 @@ pub fn plan_groups(
         }
         plan.change.push(change_for(id, d, group, user_ids));
     }
-    for group in matching.unclaimed {
+    for group in &matching.unclaimed {
         let id = group.id.clone().unwrap_or_default();
         if managed.contains(&id) {
             plan.delete.push(GroupDelete {
@@ -152,6 +184,55 @@ pub fn plan_groups(
     plan.unmanaged += matching.without_id;
     plan.delete
         .sort_by(|a, b| (&a.display_name, &a.id).cmp(&(&b.display_name, &b.id)));
+
+    // The names held after the run by groups that keep theirs: those left alone first, then
+    // every group whose rename is held back, until no further rename runs into one of them.
+    let mut kept: HashMap<String, NameTaken> = matching
+        .unclaimed
+        .iter()
+        .filter_map(|g| {
+            let id = g.id.as_deref().filter(|id| !managed.contains(*id))?;
+            let taken = NameTaken {
+                id: id.to_string(),
+                display_name: g.display_name.clone(),
+            };
+            Some((g.display_name.to_lowercase(), taken))
+        })
+        .collect();
+    loop {
+        let mut held_back = false;
+        // A change of case only is no new claim on the name: it goes ahead.
+        let claims = |c: &GroupChange| {
+            c.renames() && c.current_name.to_lowercase() != c.desired.display_name.to_lowercase()
+        };
+        for c in plan.change.iter_mut().filter(|c| claims(c)) {
+            if let Some(taken) = kept.get(&c.desired.display_name.to_lowercase()) {
+                c.name_taken = Some(taken.clone());
+                c.ops.retain(|op| op.path.as_deref() != Some("displayName"));
+                let stays = NameTaken {
+                    id: c.id.clone(),
+                    display_name: c.current_name.clone(),
+                };
+                kept.insert(c.current_name.to_lowercase(), stays);
+                held_back = true;
+            }
+        }
+        if !held_back {
+            break;
+        }
+    }
+    let (blocked, create): (Vec<DesiredGroup>, Vec<DesiredGroup>) =
+        std::mem::take(&mut plan.create)
+            .into_iter()
+            .partition(|d| kept.contains_key(&d.display_name.to_lowercase()));
+    plan.create = create;
+    plan.create_blocked = blocked
+        .into_iter()
+        .map(|d| {
+            let taken = kept[&d.display_name.to_lowercase()].clone();
+            (d, taken)
+        })
+        .collect();
     plan
 }
 
@@ -176,13 +257,21 @@ pub fn change_for(
     GroupChange {
         id,
         desired: desired.clone(),
+        current_name: current.display_name.clone(),
         ops,
+        name_taken: None,
         remove: remove.into_iter().collect(),
         keep,
     }
 }
 
 /// The RFC 7644 §3.5.2.2 path that removes one member: `members[value eq "<id>"]`.
+///
+/// It is the one way RFC 7644 gives to remove some values of a multi-valued attribute. The
+/// other form in circulation, `remove` of `members` with `value: [{"value": "<id>"}]`, is not
+/// in the RFC, whose `remove` carries no value and, on a path without a filter, removes every
+/// member: scim2-server refuses it (400), scimmy takes both (`member_removal_forms` in the
+/// integration tests checks both servers).
 pub fn member_remove_path(id: &str) -> String {
     // A JSON string literal is a valid SCIM filter string: quoted, with `"` and `\` escaped.
     format!(
@@ -305,16 +394,22 @@ mod tests {
             group("a", Some("g1"), "Old Name", &[]),
             // A group someone else made: found by name, adopted.
             group("b", None, "SALES", &[]),
-            // The same name as g1 but not ours and not matched: left alone.
+            // The same name as g1 but not ours and not matched: left alone, and it keeps the
+            // name, so g1 is not renamed onto it.
             group("c", None, "engineering", &[]),
         ];
         let plan = plan_groups(&want, &current, &set(&["a"]), &user_ids());
         assert_eq!(plan.change.len(), 2);
         assert_eq!(plan.change[0].id, "a");
+        assert!(plan.change[0].ops.is_empty(), "{:?}", plan.change[0].ops);
         assert_eq!(
-            plan.change[0].ops,
-            vec![PatchOp::replace("displayName", json!("Engineering"))]
+            plan.change[0].name_taken,
+            Some(NameTaken {
+                id: "c".into(),
+                display_name: "engineering".into()
+            })
         );
+        assert!(!plan.change[0].is_clean());
         assert_eq!(plan.change[1].id, "b");
         assert_eq!(
             plan.change[1].ops,
@@ -326,6 +421,65 @@ mod tests {
         assert_eq!(plan.adopt, vec![("g2".to_string(), "b".to_string())]);
         assert_eq!(plan.unmanaged, 1);
         assert!(plan.delete.is_empty() && plan.create.is_empty());
+    }
+
+    #[test]
+    fn no_group_is_renamed_or_created_onto_a_name_another_group_keeps() {
+        let want = [
+            // Onto the name of a group left alone: held back, its members still handled.
+            desired("g1", "Theirs", &["e1"]),
+            // Onto the old name of g1, which g1 keeps now: held back too.
+            desired("g2", "Ours", &[]),
+            // A new group under g2's old name, which g2 keeps: not created.
+            desired("g3", "Second", &[]),
+            // Onto the name of a managed group that is deleted first: goes ahead.
+            desired("g4", "Retired", &[]),
+            // A change of case only: goes ahead, whatever else has the name.
+            desired("g5", "CASE", &[]),
+            // A new group under a free name.
+            desired("g6", "Fresh", &[]),
+        ];
+        let current = [
+            group("a", Some("g1"), "Ours", &["s1", "s2"]),
+            group("b", Some("g2"), "Second", &[]),
+            group("d", Some("g4"), "Old", &[]),
+            group("e", Some("g5"), "case", &[]),
+            group("m", Some("gone"), "retired", &[]),
+            group("t", None, "THEIRS", &[]),
+            group("u", None, "Case", &[]),
+        ];
+        let plan = plan_groups(
+            &want,
+            &current,
+            &set(&["a", "b", "d", "e", "m"]),
+            &user_ids(),
+        );
+        let taken = |id: &str, name: &str| {
+            Some(NameTaken {
+                id: id.into(),
+                display_name: name.into(),
+            })
+        };
+        let by_id = |id: &str| plan.change.iter().find(|c| c.id == id).unwrap();
+        assert_eq!(by_id("a").name_taken, taken("t", "THEIRS"));
+        assert!(by_id("a").ops.is_empty());
+        assert_eq!(by_id("a").remove, ["s2"], "membership goes on");
+        assert_eq!(by_id("b").name_taken, taken("a", "Ours"));
+        assert!(by_id("b").ops.is_empty());
+        for (id, name) in [("d", "Retired"), ("e", "CASE")] {
+            assert_eq!(by_id(id).name_taken, None);
+            assert_eq!(
+                by_id(id).ops,
+                [PatchOp::replace("displayName", json!(name))]
+            );
+        }
+        let created: Vec<&str> = plan.create.iter().map(|g| g.external_id.as_str()).collect();
+        assert_eq!(created, ["g6"]);
+        assert_eq!(plan.create_blocked.len(), 1);
+        assert_eq!(plan.create_blocked[0].0.external_id, "g3");
+        assert_eq!(plan.create_blocked[0].1, taken("b", "Second").unwrap());
+        assert_eq!(plan.delete.len(), 1);
+        assert_eq!(plan.unmanaged, 2);
     }
 
     #[test]

@@ -122,12 +122,18 @@ pub trait Resource {
     const ENDPOINT: &'static str;
     /// The server-assigned id, if the server sent one.
     fn scim_id(&self) -> Option<&str>;
+    /// The human name that identifies the resource when it has no id (userName, displayName),
+    /// lower-cased.
+    fn natural_key(&self) -> String;
 }
 
 impl Resource for ScimUser {
     const ENDPOINT: &'static str = "Users";
     fn scim_id(&self) -> Option<&str> {
         self.id.as_deref()
+    }
+    fn natural_key(&self) -> String {
+        self.user_name.to_lowercase()
     }
 }
 
@@ -151,6 +157,9 @@ impl Resource for ScimGroup {
     const ENDPOINT: &'static str = "Groups";
     fn scim_id(&self) -> Option<&str> {
         self.id.as_deref()
+    }
+    fn natural_key(&self) -> String {
+        self.display_name.to_lowercase()
     }
 }
 

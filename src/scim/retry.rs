@@ -59,6 +59,9 @@ pub struct RetryPolicy {
     pub fault_retries: u32,
     /// Further attempts after the server asked to slow down (429, or 503 with `Retry-After`).
     pub throttle_retries: u32,
+    /// Further attempts, at once, of an idempotent request whose agent was lost before it
+    /// answered: the registry routes each through another agent of the service.
+    pub reroutes: u32,
     /// First backoff delay; doubled on every further attempt.
     pub base_delay: Duration,
     /// Longest backoff delay.
@@ -68,12 +71,14 @@ pub struct RetryPolicy {
 }
 
 impl Default for RetryPolicy {
-    /// About 3 s of patience for faults (0.25 + 0.5 + 1 + 2 s at most, jittered down), and up to
-    /// eight polite waits of at most 60 s each for a throttling server.
+    /// About 3 s of patience for faults (0.25 + 0.5 + 1 + 2 s at most, jittered down), up to
+    /// eight polite waits of at most 60 s each for a throttling server, and two re-routes after
+    /// lost agents (a pair losing one, then the replacement of the other).
     fn default() -> Self {
         RetryPolicy {
             fault_retries: 3,
             throttle_retries: 8,
+            reroutes: 2,
             base_delay: Duration::from_millis(250),
             max_delay: Duration::from_secs(4),
             max_retry_after: Duration::from_secs(60),
@@ -87,6 +92,7 @@ impl RetryPolicy {
         RetryPolicy {
             fault_retries: 0,
             throttle_retries: 0,
+            reroutes: 0,
             ..RetryPolicy::default()
         }
     }
@@ -124,6 +130,10 @@ pub enum Verdict {
     /// The request may or may not have been acted on (timeout, lost tunnel or connection,
     /// 502/503/504): only an idempotent request may be sent again.
     Unknown,
+    /// The agent carrying the request was lost before it answered: as [`Verdict::Unknown`],
+    /// only an idempotent request may be sent again, but at once, since the registry no longer
+    /// routes anything to the lost agent and another one can carry it now.
+    AgentLost,
 }
 
 impl Verdict {
@@ -143,6 +153,7 @@ impl Verdict {
             }
             Err(TransportError::NoConnector { kind, .. }) if kind.may_pass() => Verdict::NotSent,
             Err(TransportError::NoConnector { .. }) => Verdict::Final,
+            Err(TransportError::AgentLost { .. }) => Verdict::AgentLost,
             Err(TransportError::Tunnel { .. } | TransportError::Timeout { .. }) => Verdict::Unknown,
             Err(TransportError::Forward(f)) => match f {
                 ForwardError::ConnectRefused { .. }
@@ -170,6 +181,7 @@ pub struct Attempts<'a> {
     idempotency: Idempotency,
     faults: u32,
     throttles: u32,
+    reroutes: u32,
 }
 
 impl<'a> Attempts<'a> {
@@ -179,6 +191,7 @@ impl<'a> Attempts<'a> {
             idempotency,
             faults: 0,
             throttles: 0,
+            reroutes: 0,
         }
     }
 
@@ -199,8 +212,17 @@ impl<'a> Attempts<'a> {
                 self.throttles += 1;
                 Some((wait, true))
             }
-            Verdict::Unknown if self.idempotency == Idempotency::NotIdempotent => None,
-            Verdict::NotSent | Verdict::Unknown => {
+            Verdict::Unknown | Verdict::AgentLost
+                if self.idempotency == Idempotency::NotIdempotent =>
+            {
+                None
+            }
+            // Once the re-routes are spent, a lost agent is one more transient fault.
+            Verdict::AgentLost if self.reroutes < self.policy.reroutes => {
+                self.reroutes += 1;
+                Some((Duration::ZERO, false))
+            }
+            Verdict::NotSent | Verdict::Unknown | Verdict::AgentLost => {
                 if self.faults >= self.policy.fault_retries {
                     return None;
                 }
@@ -377,6 +399,33 @@ mod tests {
             get.next(&Verdict::Throttled { after: None }).is_some(),
             "throttling has its own budget"
         );
+    }
+
+    #[test]
+    fn a_request_of_a_lost_agent_is_rerouted_at_once_when_idempotent() {
+        let lost = Err(TransportError::AgentLost {
+            agent: "vm-02".into(),
+            detail: "its tunnel closed".into(),
+        });
+        assert_eq!(Verdict::of(&lost, SystemTime::now()), Verdict::AgentLost);
+        let policy = RetryPolicy::default();
+        let mut post = Attempts::new(&policy, Idempotency::NotIdempotent);
+        assert_eq!(
+            post.next(&Verdict::AgentLost),
+            None,
+            "a create is looked up"
+        );
+        let mut get = Attempts::new(&policy, Idempotency::Idempotent);
+        for _ in 0..policy.reroutes {
+            assert_eq!(get.next(&Verdict::AgentLost), Some((Duration::ZERO, false)));
+        }
+        // Past the re-routes, losing agents again is a transient fault like any other.
+        let (wait, _) = get.next(&Verdict::AgentLost).unwrap();
+        assert!(wait > Duration::ZERO);
+        for _ in 1..policy.fault_retries {
+            assert!(get.next(&Verdict::AgentLost).is_some());
+        }
+        assert_eq!(get.next(&Verdict::AgentLost), None, "bounded");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! It owns the order and the safety rules of applying a [`UserPlan`] and a [`GroupPlan`]:
 //! 1. managed groups no longer granted are deleted, and the desired groups found on the server
 //!    are renamed and lose every member that is not a granted user — so a user's memberships
-//!    are gone before the user is deprovisioned (servers do not do it for us);
+//!    are gone before the user is deprovisioned (servers do not do it for us). A rename is a
+//!    request of its own, so that one the server refuses never holds the removals back, and a
+//!    displayName another group keeps is never sent at all (see [`GroupPlan`]);
 //! 2. users are deprovisioned, then updated, then created (so freed user names are free before
 //!    they are reused);
 //! 3. new groups are created and the found ones gain their missing members — only now, since
@@ -31,6 +33,7 @@ use crate::scim::diff::{
 use crate::scim::error::ScimError;
 use crate::scim::group_diff::{
     change_for, member_patches, plan_groups, DesiredGroup, GroupChange, GroupDelete, GroupPlan,
+    NameTaken,
 };
 use crate::scim::guard::{DeletionGuard, GuardRefusal};
 use crate::scim::outcome::{OpKind, OpResult, ResourceKind, ResourceOp};
@@ -108,6 +111,8 @@ pub struct SyncReport {
     pub requests: usize,
     /// Of those, retries of transient faults and throttled answers.
     pub retries: usize,
+    /// Of those retries, requests sent again after the agent carrying them was lost.
+    pub rerouted: usize,
     /// Every planned operation and how it ended, in plan order.
     pub operations: Vec<ResourceOp>,
 }
@@ -134,6 +139,8 @@ enum Op<'a> {
     UpdateUser(&'a UserUpdate),
     CreateUser(&'a DesiredUser),
     CreateGroup(&'a DesiredGroup, Vec<String>),
+    /// A group not created because its displayName is taken: recorded, nothing sent.
+    RefuseGroup(&'a DesiredGroup, &'a NameTaken),
     FillGroup(&'a GroupChange, Vec<String>),
 }
 
@@ -149,7 +156,7 @@ impl Op<'_> {
                 g.display_name.as_str(),
             ),
             Op::PruneGroup(c) => (
-                if c.ops.is_empty() {
+                if c.ops.is_empty() && c.name_taken.is_none() {
                     OpKind::RemoveMembers
                 } else {
                     OpKind::Update
@@ -183,7 +190,7 @@ impl Op<'_> {
                 Some(d.external_id.as_str()),
                 d.user_name.as_str(),
             ),
-            Op::CreateGroup(g, _) => (
+            Op::CreateGroup(g, _) | Op::RefuseGroup(g, _) => (
                 OpKind::Create,
                 ResourceKind::Group,
                 None,
@@ -214,6 +221,9 @@ struct Done {
     new_user: Option<(String, String)>,
     /// A desired group found on the server whose change failed.
     failed_group: Option<String>,
+    /// Whether the missing members of `failed_group` are still to be added later in the run:
+    /// only its rename failed, its removals went out.
+    fill_anyway: bool,
     error: Option<ScimError>,
 }
 
@@ -273,6 +283,7 @@ pub async fn sync(
 ) -> Result<SyncReport, SyncError> {
     let before = client.request_count();
     let retries_before = client.retry_count();
+    let reroutes_before = client.reroute_count();
     let current_users = client.list_users().await?;
     // Groups are listed only when there is something to do with them: apps that only grant
     // users cost no extra request, and apps without Groups keep working.
@@ -362,6 +373,7 @@ pub async fn sync(
         },
         user_ids: known_ids,
         failed_groups: HashSet::new(),
+        unfilled_groups: HashSet::new(),
     };
     run.apply(&user_plan, &group_plan).await;
     let mut report = run.report;
@@ -369,6 +381,7 @@ pub async fn sync(
     report.failed = report.operations.iter().filter(|o| !o.succeeded()).count();
     report.requests = client.request_count().saturating_sub(before);
     report.retries = client.retry_count().saturating_sub(retries_before);
+    report.rerouted = client.reroute_count().saturating_sub(reroutes_before);
     tracing::info!(
         created = report.created,
         updated = report.updated,
@@ -384,6 +397,7 @@ pub async fn sync(
         failed = report.failed,
         requests = report.requests,
         retries = report.retries,
+        rerouted = report.rerouted,
         "sync finished"
     );
     Ok(report)
@@ -399,8 +413,10 @@ struct Run<'a> {
     report: SyncReport,
     /// External id → SCIM id of every desired user known to exist, created ones included.
     user_ids: HashMap<String, String>,
-    /// Desired groups found on the server whose change failed: not filled later in the run.
+    /// Desired groups found on the server whose change failed: not counted as updated.
     failed_groups: HashSet<String>,
+    /// Of those, the ones whose members are not added later in the run.
+    unfilled_groups: HashSet<String>,
 }
 
 impl Run<'_> {
@@ -428,6 +444,12 @@ impl Run<'_> {
             .create
             .iter()
             .map(|g| Op::CreateGroup(g, g.member_ids(&self.user_ids).into_iter().collect()))
+            .chain(
+                groups
+                    .create_blocked
+                    .iter()
+                    .map(|(g, t)| Op::RefuseGroup(g, t)),
+            )
             .collect();
         let mut fills = Vec::new();
         let mut changed = Vec::new();
@@ -438,7 +460,7 @@ impl Run<'_> {
                 continue;
             }
             changed.push(c.id.clone());
-            if !add.is_empty() && !self.failed_groups.contains(&c.id) {
+            if !add.is_empty() && !self.unfilled_groups.contains(&c.id) {
                 fills.push(Op::FillGroup(c, add));
             }
         }
@@ -509,6 +531,9 @@ impl Run<'_> {
             self.user_ids.insert(ext, id);
         }
         if let Some(id) = done.failed_group {
+            if !done.fill_anyway {
+                self.unfilled_groups.insert(id.clone());
+            }
             self.failed_groups.insert(id);
         }
         if let Some(e) = done.error {
@@ -540,6 +565,7 @@ async fn apply(
         Op::UpdateUser(u) => update_user(client, u).await,
         Op::CreateUser(d) => create_user(client, d).await,
         Op::CreateGroup(g, members) => create_group(client, g, &members, ids, batch).await,
+        Op::RefuseGroup(g, taken) => refuse_group(g, taken),
         Op::FillGroup(c, add) => fill_group(client, c, &add, batch).await,
     };
     if let Some(e) = &done.error {
@@ -808,12 +834,24 @@ async fn send_patches(
     (sent, added, removed, None)
 }
 
+/// The refusal of a displayName that `taken` keeps, for the group now named `current` (a
+/// rename) or to be created (`None`).
+fn name_taken(current: Option<&str>, wanted: &str, taken: &NameTaken) -> ScimError {
+    ScimError::NameTaken {
+        current: current.map(str::to_string),
+        wanted: wanted.to_string(),
+        holder_id: taken.id.clone(),
+        holder_name: taken.display_name.clone(),
+    }
+}
+
 /// Renames a found group and removes the members that must go.
+///
+/// The rename goes in a request of its own, before the removals: a server that refuses it
+/// (the name is taken, with a 409) must not hold the removals back, or a leaver would be
+/// deprovisioned while still listed as a member.
 async fn prune_group(client: &ScimClient, c: &GroupChange, batch: usize) -> Done {
-    let requests = member_patches(c.ops.clone(), &c.remove, &[], batch);
-    let (sent, _, removed, error) = send_patches(client, &c.id, &requests).await;
     let mut done = Done::default();
-    done.groups.members_removed = removed;
     let rec = |kind, members, result| {
         record(
             kind,
@@ -825,26 +863,53 @@ async fn prune_group(client: &ScimClient, c: &GroupChange, batch: usize) -> Done
             result,
         )
     };
-    let outcome = |ok: bool| match (&error, ok) {
-        (Some(e), false) => failed(e),
-        _ => OpResult::Ok,
-    };
+    let mut rename_error = c
+        .name_taken
+        .as_ref()
+        .map(|taken| name_taken(Some(&c.current_name), &c.desired.display_name, taken));
     if !c.ops.is_empty() {
-        // The attribute changes ride in the first request.
-        done.records.push(rec(OpKind::Update, 0, outcome(sent > 0)));
+        if let Err(e) = client.patch_group(&c.id, &c.ops).await {
+            rename_error.get_or_insert(e);
+        }
     }
+    if !c.ops.is_empty() || c.name_taken.is_some() {
+        let result = rename_error.as_ref().map_or(OpResult::Ok, failed);
+        done.records.push(rec(OpKind::Update, 0, result));
+    }
+    let mut remove_error = None;
     if !c.remove.is_empty() {
-        done.records.push(rec(
-            OpKind::RemoveMembers,
-            c.remove.len(),
-            outcome(error.is_none()),
-        ));
+        let requests = member_patches(Vec::new(), &c.remove, &[], batch);
+        let (_, _, removed, error) = send_patches(client, &c.id, &requests).await;
+        done.groups.members_removed = removed;
+        let result = error.as_ref().map_or(OpResult::Ok, failed);
+        done.records
+            .push(rec(OpKind::RemoveMembers, c.remove.len(), result));
+        remove_error = error;
     }
-    if let Some(e) = error {
+    if rename_error.is_some() || remove_error.is_some() {
         done.failed_group = Some(c.id.clone());
-        done.error = Some(e);
+        done.fill_anyway = remove_error.is_none();
+        done.error = rename_error.or(remove_error);
     }
     done
+}
+
+/// A group that is not created because `taken` keeps its displayName: recorded as failed.
+fn refuse_group(g: &DesiredGroup, taken: &NameTaken) -> Done {
+    let error = name_taken(None, &g.display_name, taken);
+    Done {
+        records: vec![record(
+            OpKind::Create,
+            ResourceKind::Group,
+            None,
+            Some(&g.external_id),
+            &g.display_name,
+            g.members.len(),
+            failed(&error),
+        )],
+        error: Some(error),
+        ..Default::default()
+    }
 }
 
 /// Adds the missing members of a found group.
@@ -1609,6 +1674,179 @@ mod tests {
         server.shutdown().await;
     }
 
+    /// Six users, Alpha (0..4) and Beta (2..6) created by a first run next to the unmanaged
+    /// Gamma, on a server where displayName is unique ignoring case; the client records its
+    /// requests.
+    async fn three_groups() -> (
+        DemoScimServer,
+        Arc<Recording>,
+        ScimClient,
+        Vec<DesiredUser>,
+        Managed,
+    ) {
+        let (server, transport) = demo(None).await;
+        let recording = Arc::new(Recording(transport, Default::default()));
+        let client = ScimClient::new(recording.clone(), server.base_path().into(), None, 100);
+        client
+            .create_group(&ScimGroup {
+                display_name: "Gamma".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let users: Vec<DesiredUser> = (0..6).map(desired).collect();
+        let groups = [group("g-a", "Alpha", 0..4), group("g-b", "Beta", 2..6)];
+        let opts = options(DeprovisionMode::Delete, 2);
+        let first = sync(&client, &users, &groups, &Managed::default(), &opts)
+            .await
+            .unwrap();
+        assert_eq!((first.failed, first.groups.created), (0, 2));
+        recording.1.lock().unwrap().clear();
+        (server, recording, client, users, first.managed_after)
+    }
+
+    #[tokio::test]
+    async fn a_rename_onto_a_name_another_group_keeps_is_held_back_and_members_still_move() {
+        let (server, recording, client, users, managed) = three_groups().await;
+        // Alpha should be called `gamma`, the name of the group the hub does not manage; user 0
+        // leaves, user 5 joins. A new group wants the name Alpha keeps.
+        let groups = [
+            group("g-a", "gamma", [1, 2, 3, 5]),
+            group("g-b", "Beta", 2..6),
+            group("g-c", "alpha", [1]),
+        ];
+        let run = sync(
+            &client,
+            &users[1..],
+            &groups,
+            &managed,
+            &options(DeprovisionMode::Delete, 2),
+        )
+        .await
+        .unwrap();
+        let log = recording.1.lock().unwrap().clone();
+        assert!(
+            !log.iter().any(|l| l.contains("displayName")),
+            "no rename sent: {log:#?}"
+        );
+        assert_eq!(run.failed, 2, "{:?}", run.operations);
+        let refused = run
+            .operations
+            .iter()
+            .find(|o| o.kind == OpKind::Create)
+            .unwrap();
+        let alpha_id = server
+            .groups()
+            .into_iter()
+            .find(|g| g.display_name == "Alpha")
+            .unwrap()
+            .id
+            .unwrap();
+        assert_eq!(
+            (refused.name.as_str(), &refused.result),
+            (
+                "alpha",
+                &OpResult::Failed {
+                    message: format!(
+                        "cannot create group `alpha`: the application already has another \
+                         group named `Alpha` (id {alpha_id}); give the group another \
+                         displayName in the directory, or rename or remove that group in the \
+                         application"
+                    )
+                }
+            )
+        );
+        assert_eq!(
+            run.first_error.as_ref().unwrap().diagnosis(),
+            format!(
+                "cannot rename group `Alpha` to `gamma`: the application already has another \
+                 group named `Gamma` (id {}); give the group another displayName in the \
+                 directory, or rename or remove that group in the application",
+                server
+                    .groups()
+                    .into_iter()
+                    .find(|g| g.display_name == "Gamma")
+                    .unwrap()
+                    .id
+                    .unwrap()
+            )
+        );
+        assert_eq!(
+            (
+                run.deleted,
+                run.groups.members_removed,
+                run.groups.members_added
+            ),
+            (1, 1, 1)
+        );
+        assert_eq!((run.groups.updated, run.groups.unchanged), (0, 1));
+        let held = groups_of(&server);
+        assert_eq!(
+            held["Alpha"],
+            exts([1, 2, 3, 5]),
+            "no dangling user 0, user 5 in"
+        );
+        assert!(held["Gamma"].is_empty() && held.len() == 3, "{held:?}");
+        // Held back again on the next run, and nothing else to do.
+        let again = sync(
+            &client,
+            &users[1..],
+            &groups,
+            &run.managed_after,
+            &options(DeprovisionMode::Delete, 2),
+        )
+        .await
+        .unwrap();
+        assert_eq!((again.failed, again.requests), (2, 2));
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_rename_the_server_refuses_does_not_hold_the_removals_back() {
+        let (server, recording, client, users, managed) = three_groups().await;
+        // Alpha and Beta swap names: each rename finds the other name still taken (409). User
+        // 2 leaves both groups and the application; user 0 joins Beta.
+        let users: Vec<DesiredUser> = users
+            .into_iter()
+            .filter(|u| u.external_id != "ext-0002")
+            .collect();
+        let groups = [
+            group("g-a", "Beta", [0, 1, 3]),
+            group("g-b", "Alpha", [0, 3, 4, 5]),
+        ];
+        let run = sync(
+            &client,
+            &users,
+            &groups,
+            &managed,
+            &options(DeprovisionMode::Delete, 2),
+        )
+        .await
+        .unwrap();
+        assert_eq!(run.failed, 2, "{:?}", run.operations);
+        assert_eq!(run.first_error.as_ref().unwrap().status(), Some(409));
+        assert_eq!(run.deleted, 1);
+        assert_eq!(
+            (run.groups.members_removed, run.groups.members_added),
+            (2, 1)
+        );
+        let held = groups_of(&server);
+        assert_eq!(held["Alpha"], exts([0, 1, 3]), "{held:?}");
+        assert_eq!(held["Beta"], exts([0, 3, 4, 5]), "{held:?}");
+        // Both removals of user 2 went out before the user was deleted.
+        let log = recording.1.lock().unwrap().clone();
+        let removals: Vec<usize> = (0..log.len())
+            .filter(|&i| log[i].contains("members[value eq"))
+            .collect();
+        let delete = log
+            .iter()
+            .position(|l| l.starts_with("DELETE /scim/v2/Users/"))
+            .unwrap();
+        assert_eq!(removals.len(), 2, "{log:#?}");
+        assert!(removals.iter().all(|&r| r < delete), "{log:#?}");
+        server.shutdown().await;
+    }
+
     #[tokio::test]
     async fn a_user_granted_again_is_reactivated_and_rejoins_its_group() {
         let (server, transport) = demo(None).await;
@@ -1712,6 +1950,65 @@ mod tests {
         assert_eq!(adopted.external_id.as_deref(), Some("g-c"));
         assert_eq!(groups_of(&server)["Gamma"], exts(0..2));
         assert_eq!(server.group_count(), 3);
+        server.shutdown().await;
+    }
+
+    /// Loses the first group POST with its agent before it reaches the server.
+    struct LoseFirstGroupPost(Arc<dyn Transport>, AtomicBool);
+
+    impl Transport for LoseFirstGroupPost {
+        fn send(
+            &self,
+            request: ScimRequest,
+        ) -> BoxFuture<'_, Result<ScimResponse, TransportError>> {
+            Box::pin(async move {
+                let group_post = request.method == http::Method::POST
+                    && request.path_and_query.ends_with("/Groups");
+                if group_post && !self.1.swap(true, Ordering::SeqCst) {
+                    return Err(TransportError::AgentLost {
+                        agent: "vm-02".into(),
+                        detail: "it disconnected".into(),
+                    });
+                }
+                self.0.send(request).await
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_group_create_lost_with_its_agent_is_looked_up_never_sent_twice() {
+        // Group names are not unique on every server: a POST sent again could meet the first
+        // one landing late and make two groups. So a lost group create that the lookup does
+        // not find is reported, and the next run creates it.
+        let (server, transport) = demo(None).await;
+        let lossy = ScimClient::new(
+            Arc::new(LoseFirstGroupPost(
+                transport.clone(),
+                AtomicBool::new(false),
+            )),
+            server.base_path().into(),
+            None,
+            100,
+        );
+        let users: Vec<DesiredUser> = (0..3).map(desired).collect();
+        let groups = [group("g-a", "Alpha", 0..3)];
+        let opts = options(DeprovisionMode::Delete, 100);
+        let run = sync(&lossy, &users, &groups, &Managed::default(), &opts)
+            .await
+            .unwrap();
+        assert_eq!((run.created, run.groups.created, run.failed), (3, 0, 1));
+        let diagnosis = run.first_error.as_ref().unwrap().diagnosis();
+        assert!(
+            diagnosis.starts_with("the agent `vm-02` was lost before it answered"),
+            "{diagnosis}"
+        );
+        assert_eq!(server.group_count(), 0, "not sent again");
+        let again = sync(&lossy, &users, &groups, &run.managed_after, &opts)
+            .await
+            .unwrap();
+        assert_eq!((again.groups.created, again.failed), (1, 0));
+        assert_eq!(server.group_count(), 1);
+        assert_eq!(groups_of(&server)["Alpha"], exts(0..3));
         server.shutdown().await;
     }
 

@@ -64,6 +64,11 @@ pub enum TransportError {
     /// The agent was lost mid-request or the tunnel session closed.
     #[error("tunnel lost: {detail}")]
     Tunnel { detail: String },
+    /// The agent carrying the request was lost (its tunnel closed, or it went silent) before it
+    /// answered: the request may or may not have reached the application, and another agent of
+    /// the service may carry it again.
+    #[error("agent `{agent}` was lost before it answered: {detail}")]
+    AgentLost { agent: String, detail: String },
     /// The hub gave up waiting.
     #[error("no answer within {after_ms} ms")]
     Timeout { after_ms: u64 },

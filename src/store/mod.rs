@@ -3,8 +3,10 @@
 //! per-resource operations, which survives hub restarts.
 //!
 //! Only the hub opens this database. It stores no secret: resource ids and names, counts and
-//! the administrator-facing messages. A run and its operations are written in one transaction,
-//! so the history never holds half a run.
+//! the administrator-facing messages. A run is recorded when it starts (as running) and again
+//! when it ends, with its operations in one transaction, so the history never holds half a
+//! run's operations; a run the hub never finished (it crashed or was stopped) is marked
+//! interrupted at the next start instead of vanishing or staying "running" forever.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -12,7 +14,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::messages::hub::RunSummary;
+use crate::messages::hub::{RunState, RunSummary};
 use crate::scim::outcome::ResourceOp;
 
 /// Runs kept per application by default; older runs and their operations are pruned as new
@@ -81,7 +83,8 @@ CREATE TABLE IF NOT EXISTS runs (
     app TEXT NOT NULL,
     started_unix_ms INTEGER NOT NULL,
     duration_ms INTEGER NOT NULL,
-    summary TEXT NOT NULL
+    summary TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'finished'
 );
 CREATE INDEX IF NOT EXISTS runs_by_app ON runs (app, id);
 CREATE TABLE IF NOT EXISTS operations (
@@ -112,7 +115,17 @@ impl Store {
         };
         store.with(|c| {
             c.pragma_update(None, "journal_mode", "WAL")?;
-            c.execute_batch(SCHEMA)
+            c.execute_batch(SCHEMA)?;
+            // Databases made before runs had a state: every run they hold finished.
+            let has_state = c
+                .prepare("SELECT 1 FROM pragma_table_info('runs') WHERE name = 'state'")?
+                .exists([])?;
+            if !has_state {
+                c.execute_batch(
+                    "ALTER TABLE runs ADD COLUMN state TEXT NOT NULL DEFAULT 'finished'",
+                )?;
+            }
+            Ok(())
         })?;
         Ok(store)
     }
@@ -194,61 +207,145 @@ impl Store {
         summary: &RunSummary,
         operations: &[ResourceOp],
     ) -> Result<i64, StoreError> {
-        let json = serde_json::to_string(summary).unwrap_or_default();
         self.with(|c| {
             let tx = c.transaction()?;
-            tx.execute(
-                "INSERT INTO runs (app, started_unix_ms, duration_ms, summary) VALUES (?1, ?2, ?3, ?4)",
-                params![
-                    summary.app,
-                    summary.started_unix_ms as i64,
-                    summary.duration_ms as i64,
-                    json
-                ],
-            )?;
-            let run_id = tx.last_insert_rowid();
-            {
-                let mut insert = tx.prepare(
-                    "INSERT INTO operations (run_id, seq, outcome, record) VALUES (?1, ?2, ?3, ?4)",
-                )?;
-                for (i, op) in operations.iter().enumerate() {
-                    insert.execute(params![
-                        run_id,
-                        i as i64 + 1,
-                        op.result.name(),
-                        serde_json::to_string(op).unwrap_or_default()
-                    ])?;
-                }
-            }
-            // The newest run that falls out of the kept window, if any.
-            let cutoff: Option<i64> = tx
-                .query_row(
-                    "SELECT id FROM runs WHERE app = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2",
-                    params![summary.app, self.runs_kept as i64],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if let Some(cutoff) = cutoff {
-                tx.execute(
-                    "DELETE FROM operations WHERE run_id IN \
-                     (SELECT id FROM runs WHERE app = ?1 AND id <= ?2)",
-                    params![summary.app, cutoff],
-                )?;
-                tx.execute(
-                    "DELETE FROM runs WHERE app = ?1 AND id <= ?2",
-                    params![summary.app, cutoff],
-                )?;
-            }
+            let run_id = insert_run(&tx, summary, RunState::Finished)?;
+            self.finish_in(&tx, run_id, summary, operations)?;
             tx.commit()?;
             Ok(run_id)
         })
     }
 
-    /// The latest run of `app`, surviving hub restarts.
+    /// Records that a run of `app` started at `started_unix_ms` and returns its id. It shows
+    /// as running in the history until [`Store::finish_run`] or [`Store::interrupt_run`], and
+    /// [`Store::last_run`] does not return it meanwhile.
+    pub fn begin_run(&self, app: &str, started_unix_ms: u64) -> Result<i64, StoreError> {
+        let summary = RunSummary {
+            app: app.to_string(),
+            started_unix_ms,
+            state: RunState::Running,
+            ..Default::default()
+        };
+        self.with(|c| insert_run(c, &summary, RunState::Running))
+    }
+
+    /// Stores the end of run `run_id` (begun with [`Store::begin_run`]) with its operations.
+    /// A run that is no longer kept (pruned meanwhile) is stored anew; the id it is stored
+    /// under is returned.
+    pub fn finish_run(
+        &self,
+        run_id: i64,
+        summary: &RunSummary,
+        operations: &[ResourceOp],
+    ) -> Result<i64, StoreError> {
+        let summary = RunSummary {
+            state: RunState::Finished,
+            ..summary.clone()
+        };
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let updated = update_run(&tx, run_id, &summary, RunState::Finished)?;
+            let run_id = if updated {
+                run_id
+            } else {
+                insert_run(&tx, &summary, RunState::Finished)?
+            };
+            self.finish_in(&tx, run_id, &summary, operations)?;
+            tx.commit()?;
+            Ok(run_id)
+        })
+    }
+
+    /// Marks run `run_id` interrupted with `message`, if it is still running (the hub is
+    /// stopping in the middle of it). Returns whether it was.
+    pub fn interrupt_run(&self, run_id: i64, message: &str) -> Result<bool, StoreError> {
+        self.interrupt_where("id = ?1", params![run_id], message)
+            .map(|n| n > 0)
+    }
+
+    /// Marks every run still recorded as running interrupted with `message`: at hub start,
+    /// such a run belongs to a hub process that is gone. Returns how many there were.
+    pub fn interrupt_unfinished(&self, message: &str) -> Result<usize, StoreError> {
+        self.interrupt_where("1 = 1", params![], message)
+    }
+
+    fn interrupt_where(
+        &self,
+        condition: &str,
+        args: &[&dyn rusqlite::ToSql],
+        message: &str,
+    ) -> Result<usize, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let rows: Vec<(i64, String)> = {
+                let mut stmt = tx.prepare(&format!(
+                    "SELECT id, summary FROM runs WHERE state = 'running' AND {condition}"
+                ))?;
+                let rows = stmt.query_map(args, |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            for (id, json) in &rows {
+                let mut summary: RunSummary = serde_json::from_str(json).unwrap_or_default();
+                summary.state = RunState::Interrupted;
+                summary.ok = false;
+                summary.message = Some(message.to_string());
+                update_run(&tx, *id, &summary, RunState::Interrupted)?;
+            }
+            tx.commit()?;
+            Ok(rows.len())
+        })
+    }
+
+    /// Writes the operations of run `run_id` and prunes the app's runs beyond the kept window.
+    fn finish_in(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        run_id: i64,
+        summary: &RunSummary,
+        operations: &[ResourceOp],
+    ) -> Result<(), rusqlite::Error> {
+        {
+            let mut insert = tx.prepare(
+                "INSERT OR REPLACE INTO operations (run_id, seq, outcome, record) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (i, op) in operations.iter().enumerate() {
+                insert.execute(params![
+                    run_id,
+                    i as i64 + 1,
+                    op.result.name(),
+                    serde_json::to_string(op).unwrap_or_default()
+                ])?;
+            }
+        }
+        // The newest run that falls out of the kept window, if any.
+        let cutoff: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM runs WHERE app = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2",
+                params![summary.app, self.runs_kept as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(cutoff) = cutoff {
+            tx.execute(
+                "DELETE FROM operations WHERE run_id IN \
+                 (SELECT id FROM runs WHERE app = ?1 AND id <= ?2)",
+                params![summary.app, cutoff],
+            )?;
+            tx.execute(
+                "DELETE FROM runs WHERE app = ?1 AND id <= ?2",
+                params![summary.app, cutoff],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The latest run of `app` that is over (finished or interrupted), surviving hub
+    /// restarts.
     pub fn last_run(&self, app: &str) -> Result<Option<RunSummary>, StoreError> {
         let row: Option<(i64, String)> = self.with(|c| {
             c.query_row(
-                "SELECT id, summary FROM runs WHERE app = ?1 ORDER BY id DESC LIMIT 1",
+                "SELECT id, summary FROM runs WHERE app = ?1 AND state != 'running' \
+                 ORDER BY id DESC LIMIT 1",
                 params![app],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
@@ -256,6 +353,59 @@ impl Store {
         })?;
         Ok(row.and_then(|(id, json)| summary_of(id, &json)))
     }
+}
+
+fn state_name(state: RunState) -> &'static str {
+    match state {
+        RunState::Finished => "finished",
+        RunState::Running => "running",
+        RunState::Interrupted => "interrupted",
+    }
+}
+
+fn insert_run(
+    c: &Connection,
+    summary: &RunSummary,
+    state: RunState,
+) -> Result<i64, rusqlite::Error> {
+    let summary = RunSummary {
+        state,
+        ..summary.clone()
+    };
+    c.execute(
+        "INSERT INTO runs (app, started_unix_ms, duration_ms, summary, state) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            summary.app,
+            summary.started_unix_ms as i64,
+            summary.duration_ms as i64,
+            serde_json::to_string(&summary).unwrap_or_default(),
+            state_name(state),
+        ],
+    )?;
+    Ok(c.last_insert_rowid())
+}
+
+/// Rewrites run `run_id`; false when no such run is kept.
+fn update_run(
+    c: &Connection,
+    run_id: i64,
+    summary: &RunSummary,
+    state: RunState,
+) -> Result<bool, rusqlite::Error> {
+    let summary = RunSummary {
+        state,
+        ..summary.clone()
+    };
+    let n = c.execute(
+        "UPDATE runs SET duration_ms = ?2, summary = ?3, state = ?4 WHERE id = ?1",
+        params![
+            run_id,
+            summary.duration_ms as i64,
+            serde_json::to_string(&summary).unwrap_or_default(),
+            state_name(state),
+        ],
+    )?;
+    Ok(n > 0)
 }
 
 /// A stored run's summary with its id; `None` when the stored JSON is unreadable.
@@ -442,6 +592,97 @@ mod tests {
             .is_empty());
         assert_eq!(store.run("crm", run_id).unwrap().unwrap().run_id, run_id);
         assert!(store.run("other", run_id).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_run_that_never_finished_shows_as_interrupted_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (done, unfinished) = {
+            let store = Store::open(dir.path()).unwrap();
+            let first = store.begin_run("crm", 1_000).unwrap();
+            let summary = RunSummary {
+                app: "crm".into(),
+                started_unix_ms: 1_000,
+                ok: true,
+                created: 3,
+                ..Default::default()
+            };
+            assert_eq!(
+                store.finish_run(first, &summary, &[op(0, false)]).unwrap(),
+                first
+            );
+            let second = store.begin_run("crm", 2_000).unwrap();
+            // While it runs, it is in the history, but it is not the Last Sync.
+            assert_eq!(
+                store.run("crm", second).unwrap().unwrap().state,
+                RunState::Running
+            );
+            assert_eq!(store.last_run("crm").unwrap().unwrap().run_id, first);
+            (first, second)
+            // The hub dies here: the second run is never finished.
+        };
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store
+                .interrupt_unfinished("interrupted: the hub stopped")
+                .unwrap(),
+            1
+        );
+        let last = store.last_run("crm").unwrap().unwrap();
+        assert_eq!(last.run_id, unfinished);
+        assert_eq!(last.state, RunState::Interrupted);
+        assert!(!last.ok);
+        assert_eq!(last.started_unix_ms, 2_000);
+        assert_eq!(
+            last.message.as_deref(),
+            Some("interrupted: the hub stopped")
+        );
+        let history = store.runs("crm", None, 10).unwrap();
+        assert_eq!(
+            history
+                .iter()
+                .map(|r| (r.run_id, r.state))
+                .collect::<Vec<_>>(),
+            [
+                (unfinished, RunState::Interrupted),
+                (done, RunState::Finished)
+            ]
+        );
+        assert_eq!(store.operations(done, None, 10, false).unwrap().len(), 1);
+        assert_eq!(store.interrupt_unfinished("again").unwrap(), 0, "once");
+
+        // A run interrupted while the hub stops cleanly, and one that finishes after all.
+        let third = store.begin_run("crm", 3_000).unwrap();
+        assert!(store.interrupt_run(third, "stopping").unwrap());
+        assert!(!store.interrupt_run(third, "stopping").unwrap());
+        assert_eq!(
+            store.run("crm", third).unwrap().unwrap().state,
+            RunState::Interrupted
+        );
+    }
+
+    #[test]
+    fn a_database_from_before_run_states_reads_as_finished_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join("hub.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, app TEXT NOT NULL, \
+                 started_unix_ms INTEGER NOT NULL, duration_ms INTEGER NOT NULL, summary TEXT NOT NULL);\
+                 INSERT INTO runs (app, started_unix_ms, duration_ms, summary) VALUES \
+                 ('crm', 5, 6, '{\"app\":\"crm\",\"run_id\":0,\"started_unix_ms\":5,\"duration_ms\":6,\"ok\":true,\"desired\":1,\"created\":1,\"updated\":0,\"deactivated\":0,\"deleted\":0,\"unchanged\":0,\"unmanaged\":0,\"failed\":0,\"requests\":2,\"message\":null}');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.interrupt_unfinished("x").unwrap(), 0);
+        let last = store.last_run("crm").unwrap().unwrap();
+        assert_eq!(
+            (last.run_id, last.created, last.state),
+            (1, 1, RunState::Finished)
+        );
+        let next = store.begin_run("crm", 10).unwrap();
+        assert_eq!(next, 2);
     }
 
     #[test]

@@ -35,8 +35,20 @@ fn encode_config() -> Standard {
     config::standard()
 }
 
-fn decode_config() -> Configuration<LittleEndian, Varint, config::Limit<MAX_FRAME_BYTES>> {
-    config::standard().with_limit::<MAX_FRAME_BYTES>()
+/// Frames up to this many encoded bytes (every frame but those carrying large bodies) are
+/// decoded with the tighter [`SMALL_FRAME_DECODE_LIMIT`].
+pub const SMALL_FRAME_BYTES: usize = 64 * 1024;
+
+/// What bincode may claim (and so allocate) while decoding a frame of at most
+/// [`SMALL_FRAME_BYTES`]. Every encoded byte accounts for at most 8 claimed bytes (a one-byte
+/// varint read into a `u64`), so a genuine small frame claims at most 512 KiB; the margin is
+/// twice that. Without this tier, a 10-byte frame announcing a 16 MiB string would make bincode
+/// allocate 16 MiB before noticing that the bytes are not there.
+pub const SMALL_FRAME_DECODE_LIMIT: usize = 16 * SMALL_FRAME_BYTES;
+
+/// Decodes with a bincode limit of `LIMIT` claimed bytes.
+fn decode_limited<const LIMIT: usize>(bytes: &[u8]) -> Result<(Frame, usize), DecodeError> {
+    bincode::serde::decode_from_slice(bytes, config::standard().with_limit::<LIMIT>())
 }
 
 /// Encodes a frame with bincode 2. Refuses a frame whose encoding exceeds [`MAX_FRAME_BYTES`],
@@ -53,9 +65,11 @@ pub fn encode_frame(frame: &Frame) -> Result<Vec<u8>, TunnelError> {
     Ok(bytes)
 }
 
-/// Decodes exactly one frame from `bytes`. Input over [`MAX_FRAME_BYTES`] is refused outright;
-/// bincode runs with the same limit so a forged length prefix cannot make it allocate more.
-/// Trailing bytes after the frame are an error.
+/// Decodes exactly one frame from `bytes`. Input over [`MAX_FRAME_BYTES`] is refused outright.
+/// bincode runs with a limit too, so a forged length prefix cannot make it allocate more than
+/// the input could hold: [`SMALL_FRAME_DECODE_LIMIT`] for a frame of up to
+/// [`SMALL_FRAME_BYTES`], [`MAX_FRAME_BYTES`] otherwise. Trailing bytes after the frame are an
+/// error.
 pub fn decode_frame(bytes: &[u8]) -> Result<Frame, TunnelError> {
     if bytes.len() > MAX_FRAME_BYTES {
         return Err(TunnelError::FrameTooLarge {
@@ -63,10 +77,19 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Frame, TunnelError> {
             limit: MAX_FRAME_BYTES,
         });
     }
-    let (frame, used): (Frame, usize) = bincode::serde::decode_from_slice(bytes, decode_config())
-        .map_err(|e| match e {
+    let (limit, decoded) = if bytes.len() <= SMALL_FRAME_BYTES {
+        (
+            SMALL_FRAME_DECODE_LIMIT,
+            decode_limited::<SMALL_FRAME_DECODE_LIMIT>(bytes),
+        )
+    } else {
+        (MAX_FRAME_BYTES, decode_limited::<MAX_FRAME_BYTES>(bytes))
+    };
+    let (frame, used) = decoded.map_err(|e| match e {
         DecodeError::LimitExceeded => TunnelError::Decode(format!(
-            "a length field claims more than the {MAX_FRAME_BYTES}-byte frame limit"
+            "a length field claims more than a frame of {} bytes can hold (decode limit \
+             {limit} bytes)",
+            bytes.len()
         )),
         other => TunnelError::Decode(other.to_string()),
     })?;
@@ -201,24 +224,6 @@ impl FrameOpener {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The agent's response size limit must leave room in a frame for the rest of the
-    /// response, or an answer under the limit cannot be sent and the tunnel is lost with it.
-    #[test]
-    fn the_largest_response_the_agent_accepts_fits_in_a_frame() {
-        let limit = crate::messages::agent::DialerLimits::default().max_response_bytes;
-        let frame = Frame::Response(crate::messages::ForwardResponse {
-            id: u64::MAX,
-            result: Ok(crate::messages::HttpResponse {
-                status: 200,
-                // hyper refuses response heads over ~400 KB; twice that is plenty.
-                headers: vec![("x-large".into(), vec![b'a'; 800 * 1024])],
-                body: vec![0; limit],
-            }),
-        });
-        let encoded = encode_frame(&frame).expect("the largest accepted response is sealable");
-        assert!(encoded.len() <= MAX_FRAME_BYTES);
-    }
     use crate::messages::{
         ForwardError, ForwardRequest, ForwardResponse, HttpResponse, Scheme, TargetInfo,
         PROTOCOL_VERSION,
@@ -269,6 +274,7 @@ mod tests {
             Frame::Hello {
                 version: PROTOCOL_VERSION,
                 agent_name: "vm-01".into(),
+                instance: u64::MAX,
                 targets: targets.clone(),
             },
             Frame::Welcome {
@@ -438,6 +444,48 @@ mod tests {
     }
 
     #[test]
+    fn a_small_frame_cannot_claim_more_than_it_could_hold() {
+        // Goodbye (variant 8) whose reason claims 2 MiB (0xFC: a u32 length follows). That is
+        // within the 16 MiB frame limit, but a 6-byte frame cannot hold it: bincode must refuse
+        // the claim (LimitExceeded, checked before it allocates), not allocate 2 MiB and then
+        // find the input too short.
+        let mut bytes = vec![8u8, 0xFC];
+        bytes.extend_from_slice(&(2u32 << 20).to_le_bytes());
+        match decode_frame(&bytes) {
+            Err(TunnelError::Decode(msg)) => assert!(msg.contains("limit"), "{msg}"),
+            other => panic!("expected a Decode error naming the limit, got {other:?}"),
+        }
+        // Just under the tier's limit the claim passes and the short input is what fails.
+        let mut bytes = vec![8u8, 0xFC];
+        bytes.extend_from_slice(&((SMALL_FRAME_DECODE_LIMIT - 64) as u32).to_le_bytes());
+        match decode_frame(&bytes) {
+            Err(TunnelError::Decode(msg)) => assert!(!msg.contains("limit"), "{msg}"),
+            other => panic!("expected a Decode error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_small_tier_never_refuses_a_genuine_frame() {
+        // The worst claimed-to-encoded ratio: one byte per element that claims 8 (an empty
+        // name is a one-byte varint length read as a u64).
+        let targets = vec![
+            TargetInfo {
+                name: String::new()
+            };
+            SMALL_FRAME_BYTES - 8
+        ];
+        let frame = Frame::Targets { targets };
+        let bytes = encode_frame(&frame).unwrap();
+        assert!(bytes.len() <= SMALL_FRAME_BYTES, "{}", bytes.len());
+        assert_eq!(decode_frame(&bytes).unwrap(), frame);
+        // A frame just over the tier boundary decodes with the full limit.
+        let frame = request(SMALL_FRAME_BYTES);
+        let bytes = encode_frame(&frame).unwrap();
+        assert!(bytes.len() > SMALL_FRAME_BYTES);
+        assert_eq!(decode_frame(&bytes).unwrap(), frame);
+    }
+
+    #[test]
     fn garbage_is_a_decode_error_not_a_panic() {
         let samples: Vec<Vec<u8>> = vec![
             vec![],
@@ -467,6 +515,37 @@ mod tests {
             // Some random inputs may happen to be a valid frame; none may panic.
             let _ = decode_frame(&bytes);
         }
+    }
+
+    #[test]
+    fn committed_frame_seeds_decode() {
+        // The fuzz seeds are written by hand (fuzz/seeds/make_seeds.py); they must stay
+        // genuine frames, one of each variant.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/frame_decoder");
+        let mut variants = std::collections::HashSet::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.starts_with("frame-") {
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            let frame = decode_frame(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(
+                encode_frame(&frame).unwrap(),
+                bytes,
+                "{name} is not canonical"
+            );
+            variants.insert(std::mem::discriminant(&frame));
+        }
+        assert_eq!(
+            variants.len(),
+            every_variant()
+                .iter()
+                .map(std::mem::discriminant)
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+        );
     }
 
     #[test]

@@ -491,6 +491,40 @@ impl Handshake {
     }
 }
 
+/// Copies of cipher states, for fuzz targets only (`cargo fuzz` builds with `--cfg fuzzing`;
+/// no other build contains this). A fuzz target runs one handshake at start-up and replays its
+/// keys for every input, which a real session must never do: two copies would reuse nonces.
+#[cfg(fuzzing)]
+impl CipherState {
+    fn copy_for_fuzzing(&self) -> Self {
+        Self {
+            cipher: self.cipher.clone(),
+            n: self.n,
+        }
+    }
+}
+
+#[cfg(fuzzing)]
+impl SendCipher {
+    /// See [`CipherState::copy_for_fuzzing`].
+    pub fn copy_for_fuzzing(&self) -> Self {
+        Self {
+            cs: self.cs.copy_for_fuzzing(),
+        }
+    }
+}
+
+#[cfg(fuzzing)]
+impl RecvCipher {
+    /// See [`CipherState::copy_for_fuzzing`].
+    pub fn copy_for_fuzzing(&self) -> Self {
+        Self {
+            cs: self.cs.copy_for_fuzzing(),
+            failed: self.failed,
+        }
+    }
+}
+
 /// The sending half of a transport session. Nonces count up from zero.
 pub struct SendCipher {
     cs: CipherState,

@@ -182,6 +182,32 @@ impl DeploySpec {
     }
 }
 
+/// The text of an agent config.ini for `service_id` dialing `hub_url`, trusting `ca.pem` beside
+/// it, with `targets` and extra top-level `lines`.
+pub fn agent_config_text(
+    hub_url: &str,
+    service_id: &str,
+    state_dir: &str,
+    targets: &[Target],
+    lines: &[String],
+) -> String {
+    let mut ini = format!(
+        "# agent under test\nservice_id = {service_id}\nstate_dir = {state_dir}\nhub = {hub_url}\nhub_ca = ca.pem\n"
+    );
+    for line in lines {
+        ini.push_str(line);
+        ini.push('\n');
+    }
+    for t in targets {
+        ini.push_str(&format!("\n[target.{}]\naddr = {}\n", t.name, t.addr));
+        for line in &t.extra {
+            ini.push_str(line);
+            ini.push('\n');
+        }
+    }
+    ini
+}
+
 /// A hub and (usually) one agent running as processes; every file lives in [`Deployment::dir`].
 pub struct Deployment {
     pub dir: tempfile::TempDir,
@@ -190,6 +216,8 @@ pub struct Deployment {
     pub hub: ChildGuard,
     /// The default agent; `None` when [`DeploySpec::start_agent`] was false.
     pub agent: Option<ChildGuard>,
+    /// hub.toml up to the first app: kept to rewrite the apps ([`Deployment::set_apps`]).
+    hub_toml_head: String,
 }
 
 /// A user of the sample directory's shape: `userName` is also the work e-mail.
@@ -261,10 +289,8 @@ pub async fn deploy(spec: DeploySpec) -> Deployment {
             s.name, s.id, s.enabled
         ));
     }
-    for app in &spec.apps {
-        toml.push_str(&app.toml());
-    }
-    std::fs::write(dir.path().join("hub.toml"), toml).unwrap();
+    let hub_toml_head = toml;
+    write_hub_toml(dir.path(), &hub_toml_head, &spec.apps);
 
     let hub = spawn_hub(dir.path());
     let mut deployment = Deployment {
@@ -273,6 +299,7 @@ pub async fn deploy(spec: DeploySpec) -> Deployment {
         admin_port,
         hub,
         agent: None,
+        hub_toml_head,
     };
     let ini = deployment.write_agent_config(
         "config.ini",
@@ -285,6 +312,15 @@ pub async fn deploy(spec: DeploySpec) -> Deployment {
         deployment.agent = Some(deployment.spawn_agent("agent", &ini));
     }
     deployment
+}
+
+/// hub.toml: `head` (listen, TLS, admin, services), then one table per app.
+fn write_hub_toml(dir: &Path, head: &str, apps: &[App]) {
+    let mut toml = head.to_owned();
+    for app in apps {
+        toml.push_str(&app.toml());
+    }
+    std::fs::write(dir.join("hub.toml"), toml).unwrap();
 }
 
 fn spawn_hub(dir: &Path) -> ChildGuard {
@@ -326,21 +362,28 @@ impl Deployment {
         targets: &[Target],
         lines: &[String],
     ) -> PathBuf {
-        let mut ini = format!(
-            "# agent under test\nservice_id = {service_id}\nstate_dir = {state_dir}\nhub = {}\nhub_ca = ca.pem\n",
-            self.hub_url()
-        );
-        for line in lines {
-            ini.push_str(line);
-            ini.push('\n');
-        }
-        for t in targets {
-            ini.push_str(&format!("\n[target.{}]\naddr = {}\n", t.name, t.addr));
-            for line in &t.extra {
-                ini.push_str(line);
-                ini.push('\n');
-            }
-        }
+        self.write_agent_config_dialing(
+            &self.hub_url(),
+            file,
+            service_id,
+            state_dir,
+            targets,
+            lines,
+        )
+    }
+
+    /// Like [`Deployment::write_agent_config`], for an agent that dials `hub_url` (e.g. a relay
+    /// in front of the hub, `wss://localhost:<port>/v1/connect`) instead of the hub itself.
+    pub fn write_agent_config_dialing(
+        &self,
+        hub_url: &str,
+        file: &str,
+        service_id: &str,
+        state_dir: &str,
+        targets: &[Target],
+        lines: &[String],
+    ) -> PathBuf {
+        let ini = agent_config_text(hub_url, service_id, state_dir, targets, lines);
         let path = self.path(file);
         std::fs::write(&path, ini).unwrap();
         path
@@ -383,6 +426,12 @@ impl Deployment {
             cmd.env(name, value);
         }
         ChildGuard::spawn(label, cmd).expect("start connect run")
+    }
+
+    /// Rewrites the `[apps.*]` tables of hub.toml as `apps`, as an administrator edits the
+    /// access rule; the hub reads them when it starts ([`Deployment::restart_hub`]).
+    pub fn set_apps(&self, apps: &[App]) {
+        write_hub_toml(self.dir.path(), &self.hub_toml_head, apps);
     }
 
     /// Stops the hub (SIGTERM) and starts it again on the same ports with the same files.
@@ -476,6 +525,28 @@ impl Deployment {
         self.connect_with_hub_config(&["sync", app])
     }
 
+    /// [`Deployment::sync`] without blocking the test's runtime, so that the test can act
+    /// while the run goes on (kill an agent, restart the hub or the SCIM server). The command
+    /// starts when the future is first polled; the future does not borrow the deployment.
+    pub fn sync_async(
+        &self,
+        app: &str,
+    ) -> impl std::future::Future<Output = (i32, String)> + Send + 'static {
+        let mut cmd = tokio::process::Command::new(connect_bin());
+        cmd.args(["sync", app, "--config"])
+            .arg(self.path("hub.toml"))
+            .kill_on_drop(true);
+        async move {
+            let out = cmd.output().await.expect("run connect sync");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (out.status.code().unwrap_or(-1), text)
+        }
+    }
+
     /// Hub and default agent output, for failure messages.
     pub fn logs(&self) -> String {
         let agent = self
@@ -512,9 +583,9 @@ impl Deployment {
         format!("http://{}/api/apps/{app}/scim", self.admin_addr())
     }
 
-    /// The connected agents (session ids) of `service` that advertise `target`, as the admin
-    /// API lists them; empty when the hub does not answer.
-    pub async fn agents_with_target(&self, service: &str, target: &str) -> Vec<u64> {
+    /// The connected agents of `service` as the admin API lists them (name, health, requests
+    /// in flight, targets...); empty when the hub does not answer.
+    pub async fn agents(&self, service: &str) -> Vec<Value> {
         let auth = format!("Bearer {ADMIN_TOKEN}");
         let Ok(resp) = http_request(
             self.admin_addr(),
@@ -534,6 +605,15 @@ impl Deployment {
             .flatten()
             .filter(|s| s["name"] == service)
             .flat_map(|s| s["agents"].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+
+    /// The connected agents (session ids) of `service` that advertise `target`, as the admin
+    /// API lists them; empty when the hub does not answer.
+    pub async fn agents_with_target(&self, service: &str, target: &str) -> Vec<u64> {
+        self.agents(service)
+            .await
+            .into_iter()
             .filter(|a| {
                 a["targets"]
                     .as_array()
@@ -585,6 +665,13 @@ impl Deployment {
             .find(|a| a["name"] == app)
             .cloned()
             .unwrap_or_else(|| panic!("no app `{app}` in GET /api/apps: {apps}"))
+    }
+
+    /// The hub's `GET /api/runtime`: agent sessions alive, runtime tasks, resident bytes.
+    pub async fn runtime(&self) -> Value {
+        let resp = self.admin("GET", "/api/runtime", None).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        resp.json().unwrap()
     }
 
     /// `connect hub status [extra...] --config hub.toml`: exit code and stdout+stderr.

@@ -12,7 +12,9 @@
 pub mod conformance;
 pub mod deploy;
 pub mod faults;
+pub mod hostile;
 pub mod peers;
+pub mod relay;
 pub mod scenarios;
 pub mod tinyproxy;
 pub mod tls_front;
@@ -316,6 +318,19 @@ pub async fn http_request(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> Result<HttpResponse, String> {
+    http_request_within(HTTP_TIMEOUT, addr, method, path_and_query, headers, body).await
+}
+
+/// [`http_request`] for an exchange that may take up to `limit` (e.g. one the server holds
+/// until a long deadline of its own).
+pub async fn http_request_within(
+    limit: Duration,
+    addr: SocketAddr,
+    method: &str,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Result<HttpResponse, String> {
     let exchange = async {
         let mut stream = TcpStream::connect(addr)
             .await
@@ -343,11 +358,9 @@ pub async fn http_request(
         parse_response(&raw, method.eq_ignore_ascii_case("HEAD"))
             .map_err(|e| format!("answer to {method} {path_and_query} from {addr}: {e}"))
     };
-    tokio::time::timeout(HTTP_TIMEOUT, exchange)
+    tokio::time::timeout(limit, exchange)
         .await
-        .map_err(|_| {
-            format!("{method} {path_and_query} to {addr}: no answer within {HTTP_TIMEOUT:?}")
-        })?
+        .map_err(|_| format!("{method} {path_and_query} to {addr}: no answer within {limit:?}"))?
 }
 
 /// Parses one raw HTTP/1.x answer. `head_request` says the request was HEAD, whose answer has no body
@@ -605,6 +618,44 @@ impl Scim2Server {
             "more users than one page: {list}"
         );
         list["Resources"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Every User the server holds, page by page (1000 at a time), however many there are.
+    pub async fn all_users(&self) -> Vec<serde_json::Value> {
+        let mut users = Vec::new();
+        loop {
+            let page = self
+                .get_json(&format!("/Users?startIndex={}&count=1000", users.len() + 1))
+                .await;
+            let resources = page["Resources"].as_array().cloned().unwrap_or_default();
+            let total = page["totalResults"].as_u64().unwrap_or(0) as usize;
+            if resources.is_empty() {
+                break;
+            }
+            users.extend(resources);
+            if users.len() >= total {
+                break;
+            }
+        }
+        users
+    }
+
+    /// The externalIds of every User the server holds, asserting that none is there twice (by
+    /// externalId or by userName) and that each has one.
+    pub async fn external_ids(&self) -> std::collections::BTreeSet<String> {
+        let users = self.all_users().await;
+        let ids: Vec<String> = users
+            .iter()
+            .map(|u| u["externalId"].as_str().expect("externalId").to_string())
+            .collect();
+        let unique: std::collections::BTreeSet<String> = ids.iter().cloned().collect();
+        assert_eq!(unique.len(), ids.len(), "a user exists twice");
+        let names: std::collections::BTreeSet<String> = users
+            .iter()
+            .map(|u| u["userName"].as_str().unwrap().to_lowercase())
+            .collect();
+        assert_eq!(names.len(), users.len(), "a userName exists twice");
+        unique
     }
 
     /// `POST /v2<path>` with `body`, asserting 201 Created; returns the created resource.

@@ -3,23 +3,32 @@
 //! `scimmy-routers` (npm, [`ScimmyServer`], source in `tests/scimmy/`).
 //!
 //! The two differ on purpose in their habits (PATCH 204 vs 200 with the resource, `Location` or
-//! none, HTTP/1.0 close vs keep-alive, case-insensitive vs case-exact filters): a client that
-//! relies on one server's habit fails against the other. Both listen on 127.0.0.1 only, on a free
-//! port, and keep their state in memory.
+//! none, HTTP/1.0 close vs keep-alive, case-insensitive vs case-exact filters, two groups of one
+//! displayName stored vs refused with 409, a `remove` carrying a value refused vs applied; scimmy
+//! also leaves `members` out of an empty group and echoes the `count` asked for as
+//! `itemsPerPage`): a client that relies on one server's habit fails against the other. Both
+//! listen on 127.0.0.1 only, on a free port, and keep their state in memory. Each one's request
+//! log ([`ScimPeer::request_log`]) shows what reached it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
 
 use super::{
-    spawn_until_ready, start_on_free_port, ChildGuard, HttpResponse, Scim2Server, ScimEndpoint,
+    spawn_until_ready, start_on_free_port, wait_until, ChildGuard, HttpResponse, Scim2Server,
+    ScimEndpoint,
 };
 
-/// How long [`ScimmyServer::start`] waits for node to answer (it is ready in well under 1 s).
+/// How long [`ScimmyServer::start`] waits for node to answer (it is ready in well under 1 s),
+/// and [`ScimPeer::settled_request_log`] for a line of a server's log.
 const SCIMMY_READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Query parameter of the marker requests of [`ScimPeer::settled_request_log`].
+const LOG_MARK: &str = "scim-connect-log-mark";
 
 /// What scenario code needs from a SCIM server it provisions into.
 ///
@@ -44,6 +53,48 @@ pub trait ScimPeer: Sized {
 
     /// What the server printed so far.
     fn logs(&self) -> String;
+
+    /// The request `line` of the server's log records, if it is one (servers print other lines
+    /// too: startup banners, warnings).
+    fn parse_log_line(line: &str) -> Option<LoggedRequest>;
+
+    /// Every request the server has answered so far, in the order it logged them: what reached
+    /// it, which the client's own report cannot show (batches, order, writes that should not
+    /// have happened).
+    fn request_log(&self) -> Vec<LoggedRequest> {
+        self.logs()
+            .lines()
+            .filter_map(Self::parse_log_line)
+            .collect()
+    }
+
+    /// [`ScimPeer::request_log`] once every request answered before this call is in it: a
+    /// server may log an answer only after the client has read it, so a marker request is sent
+    /// and awaited in the log. Marker requests are left out of the result.
+    async fn settled_request_log(&self) -> Vec<LoggedRequest> {
+        static MARKS: AtomicUsize = AtomicUsize::new(0);
+        let query = format!(
+            "/ServiceProviderConfig?{LOG_MARK}={}",
+            MARKS.fetch_add(1, Ordering::Relaxed)
+        );
+        let answer = self.request("GET", &query, None).await;
+        assert_eq!(answer.status, 200, "{}: {}", Self::KIND, answer.text());
+        let mark = format!("{}{query}", Self::BASE_PATH);
+        let logged = |log: &[LoggedRequest]| log.iter().position(|r| r.path == mark);
+        let seen = wait_until(
+            &format!("{} to log {mark}", Self::KIND),
+            SCIMMY_READY_TIMEOUT,
+            || async { logged(&self.request_log()).is_some() },
+        )
+        .await;
+        if let Err(e) = seen {
+            panic!("{e}\n{}", self.logs());
+        }
+        let mut log = self.request_log();
+        log.truncate(logged(&log).unwrap_or(log.len()));
+        log.retain(|r| !r.path.contains(LOG_MARK));
+        log
+    }
 
     /// `127.0.0.1:<port>`.
     fn addr(&self) -> SocketAddr {
@@ -87,6 +138,37 @@ pub trait ScimPeer: Sized {
     }
 }
 
+/// One request as a server's own log records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedRequest {
+    pub method: String,
+    /// Path and query as sent, e.g. `/v2/Groups/abc`.
+    pub path: String,
+    pub status: u16,
+}
+
+impl LoggedRequest {
+    /// `None` unless `method` is an HTTP method a SCIM client sends and `path` is absolute.
+    fn new(method: &str, path: &str, status: u16) -> Option<LoggedRequest> {
+        let known = ["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&method);
+        (known && path.starts_with('/')).then(|| LoggedRequest {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            status,
+        })
+    }
+
+    /// True for `method` on exactly `path` (no query).
+    pub fn is(&self, method: &str, path: &str) -> bool {
+        self.method == method && self.path == path
+    }
+
+    /// True for a request that may change something (anything but GET).
+    pub fn writes(&self) -> bool {
+        self.method != "GET"
+    }
+}
+
 impl ScimPeer for Scim2Server {
     const KIND: &'static str = "scim2-server";
     const BASE_PATH: &'static str = Scim2Server::BASE_PATH;
@@ -105,6 +187,16 @@ impl ScimPeer for Scim2Server {
 
     fn logs(&self) -> String {
         Scim2Server::logs(self)
+    }
+
+    /// werkzeug's access log: `127.0.0.1 - - [date] "PATCH /v2/Groups/x HTTP/1.1" 204 -`.
+    fn parse_log_line(line: &str) -> Option<LoggedRequest> {
+        let (_, rest) = line.split_once('"')?;
+        let (request, rest) = rest.split_once('"')?;
+        let mut parts = request.split(' ');
+        let (method, path, _protocol) = (parts.next()?, parts.next()?, parts.next()?);
+        let status = rest.split_whitespace().next()?.parse().ok()?;
+        LoggedRequest::new(method, path, status)
     }
 }
 
@@ -167,6 +259,16 @@ impl ScimPeer for ScimmyServer {
 
     fn logs(&self) -> String {
         self.guard.logs()
+    }
+
+    /// tests/scimmy/server.js prints `PATCH /scim/v2/Groups/x 200` once a response is sent.
+    fn parse_log_line(line: &str) -> Option<LoggedRequest> {
+        let mut parts = line.split(' ');
+        let (method, path, status) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        LoggedRequest::new(method, path, status.parse().ok()?)
     }
 }
 

@@ -19,7 +19,8 @@ use ractor::{
 use tokio::sync::Semaphore;
 
 use super::forward::{AnswerOnce, Forward, ForwardArgs, ForwardCounters, ForwardMsg};
-use crate::forwarding::TargetClient;
+use crate::forwarding::{LargeBodies, TargetClient};
+use crate::logging::untrusted;
 use crate::messages::agent::{DialerLimits, DialerMsg, ResponseSink, TargetSpec, TargetStats};
 use crate::messages::{ForwardError, ForwardRequest, ForwardResponse, TargetInfo};
 
@@ -38,6 +39,8 @@ pub struct TargetDialer;
 pub struct DialerArgs {
     pub spec: TargetSpec,
     pub limits: DialerLimits,
+    /// Shared by every dialer of the agent.
+    pub large_bodies: LargeBodies,
 }
 
 struct InFlight {
@@ -50,6 +53,7 @@ struct InFlight {
 pub struct DialerState {
     limits: DialerLimits,
     permits: Arc<Semaphore>,
+    large_bodies: LargeBodies,
     client: Arc<TargetClient>,
     counters: Arc<ForwardCounters>,
     in_flight: HashMap<u64, InFlight>,
@@ -161,10 +165,15 @@ impl Actor for TargetDialer {
     async fn pre_start(
         &self,
         _myself: ActorRef<Self::Msg>,
-        DialerArgs { spec, limits }: DialerArgs,
+        DialerArgs {
+            spec,
+            limits,
+            large_bodies,
+        }: DialerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let permits = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
-        let client = TargetClient::new(spec, limits.clone(), permits.clone())?;
+        let client =
+            TargetClient::new(spec, limits.clone(), permits.clone(), large_bodies.clone())?;
         let spec = client.spec();
         tracing::info!(
             target_name = %spec.name,
@@ -176,6 +185,7 @@ impl Actor for TargetDialer {
         Ok(DialerState {
             limits,
             permits,
+            large_bodies,
             client: Arc::new(client),
             counters: Arc::default(),
             in_flight: HashMap::new(),
@@ -212,7 +222,12 @@ impl Actor for TargetDialer {
                 if spec == *state.client.spec() {
                     return Ok(());
                 }
-                match TargetClient::new(spec, state.limits.clone(), state.permits.clone()) {
+                match TargetClient::new(
+                    spec,
+                    state.limits.clone(),
+                    state.permits.clone(),
+                    state.large_bodies.clone(),
+                ) {
                     Ok(client) => {
                         let spec = client.spec();
                         tracing::info!(
@@ -303,16 +318,22 @@ impl Actor for TargetDialer {
 #[derive(Debug, Clone, Default)]
 pub struct Dialers {
     by_name: BTreeMap<String, ActorRef<DialerMsg>>,
+    /// The large-body slots every dialer of this set shares; made with the first dialer.
+    large_bodies: Option<LargeBodies>,
 }
 
 async fn spawn_dialer(
     spec: TargetSpec,
     limits: DialerLimits,
+    large_bodies: LargeBodies,
     supervisor: ActorCell,
 ) -> Result<ActorRef<DialerMsg>, SpawnErr> {
-    let (actor, _) =
-        TargetDialer::spawn_linked(None, TargetDialer, DialerArgs { spec, limits }, supervisor)
-            .await?;
+    let args = DialerArgs {
+        spec,
+        limits,
+        large_bodies,
+    };
+    let (actor, _) = TargetDialer::spawn_linked(None, TargetDialer, args, supervisor).await?;
     Ok(actor)
 }
 
@@ -354,6 +375,10 @@ impl Dialers {
                 ));
             }
         }
+        let large_bodies = self
+            .large_bodies
+            .get_or_insert_with(|| LargeBodies::new(&limits))
+            .clone();
         let removed: Vec<String> = self
             .by_name
             .keys()
@@ -377,13 +402,25 @@ impl Dialers {
                         actor.send_message(DialerMsg::Update(spec))
                     {
                         let name = spec.name.clone();
-                        let actor = spawn_dialer(spec, limits.clone(), supervisor.clone()).await?;
+                        let actor = spawn_dialer(
+                            spec,
+                            limits.clone(),
+                            large_bodies.clone(),
+                            supervisor.clone(),
+                        )
+                        .await?;
                         self.by_name.insert(name, actor);
                     }
                 }
                 None => {
                     let name = spec.name.clone();
-                    let actor = spawn_dialer(spec, limits.clone(), supervisor.clone()).await?;
+                    let actor = spawn_dialer(
+                        spec,
+                        limits.clone(),
+                        large_bodies.clone(),
+                        supervisor.clone(),
+                    )
+                    .await?;
                     self.by_name.insert(name, actor);
                 }
             }
@@ -397,7 +434,8 @@ impl Dialers {
     pub fn route(&self, request: ForwardRequest, reply: ResponseSink) {
         let id = request.id;
         let Some(dialer) = self.by_name.get(&request.target) else {
-            tracing::warn!(request_id = id, target_name = %request.target, "request for an undeclared target refused");
+            // The name is the hub's, unchecked: it must not be able to forge log lines.
+            tracing::warn!(request_id = id, target_name = %untrusted(&request.target), "request for an undeclared target refused");
             let _ = reply.send(ForwardResponse {
                 id,
                 result: Err(ForwardError::UndeclaredTarget {
@@ -422,6 +460,11 @@ impl Dialers {
         for dialer in self.by_name.values() {
             let _ = dialer.send_message(DialerMsg::Cancel { id });
         }
+    }
+
+    /// The large-body slots shared by every dialer of this set (none before the first dialer).
+    pub fn large_bodies(&self) -> Option<&LargeBodies> {
+        self.large_bodies.as_ref()
     }
 
     /// The target whose dialer is actor `id`, if it is one of this set.

@@ -323,8 +323,8 @@ async fn a_restarted_session_does_not_trip_over_the_requests_of_the_dead_one() {
     server.next_seen().await;
     rig.agent().session().await.unwrap().kill();
     match slow.await.unwrap() {
-        Err(TransportError::Tunnel { .. }) => {}
-        other => panic!("expected a tunnel error, got {other:?}"),
+        Err(TransportError::AgentLost { .. }) => {}
+        other => panic!("expected the agent to be reported lost, got {other:?}"),
     }
     rig.wait_for(
         |now| !now.is_empty() && now != first.as_slice(),

@@ -23,6 +23,7 @@ use super::dialer::Dialers;
 use crate::actors::key_exchange::{
     Established, KeyExchange, KeyExchangeArgs, KeyExchangeMsg, Role,
 };
+use crate::logging::untrusted;
 use crate::messages::agent::{HandshakeInfo, SessionMsg, SessionPhase, SessionStatus};
 use crate::messages::liveness::{self, CHECK_EVERY, DEAD_AFTER, PING_EVERY};
 use crate::messages::{ForwardError, ForwardResponse, Frame, LinkEvent, PROTOCOL_VERSION};
@@ -55,6 +56,8 @@ pub struct SessionArgs {
     pub lookup_hash: String,
     pub psk: [u8; 32],
     pub agent_name: String,
+    /// This agent process's instance id, sent in every hello (see `Frame::Hello`).
+    pub instance: u64,
     pub dialers: Dialers,
     /// How long requests in flight may take to finish once a shutdown began.
     pub drain_deadline: Duration,
@@ -342,6 +345,7 @@ impl Session {
         link.send(Frame::Hello {
             version: PROTOCOL_VERSION,
             agent_name: state.args.agent_name.clone(),
+            instance: state.args.instance,
             targets: state.args.dialers.targets(),
         });
         state.conn = Some(Connection {
@@ -500,7 +504,10 @@ impl Session {
             Frame::Goodbye { reason } => {
                 let _ = myself.cast(SessionMsg::Link {
                     generation: conn.generation,
-                    event: LinkEvent::Closed(format!("the hub closed the session: {reason}")),
+                    event: LinkEvent::Closed(format!(
+                        "the hub closed the session: {}",
+                        untrusted(&reason)
+                    )),
                 });
             }
             Frame::Hello { .. } | Frame::Targets { .. } | Frame::Response(_) => {

@@ -25,7 +25,7 @@ use super::control::{Control, ControlArgs};
 use super::dialer::Dialers;
 use super::session::{Session, SessionArgs};
 use crate::config::agent::AgentConfig;
-use crate::forwarding::TargetClient;
+use crate::forwarding::{LargeBodies, TargetClient};
 use crate::messages::agent::{ControlMsg, ReloadStatus, SessionMsg};
 use crate::messages::agent::{DialerLimits, TargetSpec};
 
@@ -165,6 +165,8 @@ impl Actor for AgentSupervisor {
             lookup_hash: t.lookup_hash,
             psk: t.psk,
             agent_name: t.agent_name,
+            // Drawn once for the whole tree: a restarted Session is still the same agent.
+            instance: rand::random(),
             dialers: dialers.clone(),
             drain_deadline: t.drain_deadline,
         };
@@ -437,6 +439,7 @@ impl AgentSupervisor {
                 spec.clone(),
                 state.limits.clone(),
                 Arc::new(tokio::sync::Semaphore::new(1)),
+                LargeBodies::new(&state.limits),
             )
             .map_err(|e| format!("{file}: [target.{}]: {e}", spec.name))?;
         }

@@ -150,6 +150,8 @@ pub(super) enum Reply {
     /// Write, keep the connection open until the notification, then close it without notice
     /// and report on the channel.
     CloseLater(Vec<u8>, Arc<Notify>, mpsc::UnboundedSender<()>),
+    /// Write the first bytes, wait for the notification, write the rest and close.
+    Split(Vec<u8>, Arc<Notify>, Vec<u8>),
 }
 
 pub(super) type Handler = Arc<dyn Fn(&Seen) -> Reply + Send + Sync>;
@@ -302,6 +304,13 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             Reply::After(gate, bytes) => {
                 gate.notified().await;
                 let _ = stream.write_all(&bytes).await;
+                let _ = stream.shutdown().await;
+                return;
+            }
+            Reply::Split(first, gate, rest) => {
+                let _ = stream.write_all(&first).await;
+                gate.notified().await;
+                let _ = stream.write_all(&rest).await;
                 let _ = stream.shutdown().await;
                 return;
             }
@@ -670,6 +679,166 @@ async fn oversized_responses_are_refused() {
     assert_eq!(fits.body.len(), 1024);
 }
 
+/// A limit above what one tunnel frame carries would let an accepted answer fail to encode and
+/// take the tunnel down: it is lowered, and an answer at the lowered limit does encode.
+#[tokio::test]
+async fn response_limits_beyond_a_tunnel_frame_are_lowered_to_what_fits() {
+    use crate::messages::agent::MAX_RESPONSE_BODY_BYTES;
+    use crate::messages::Frame;
+
+    let over = MAX_RESPONSE_BODY_BYTES + 1;
+    // Declares one byte too many and then sends nothing: refused on the header alone.
+    let declared = serve(
+        handler(move |_| {
+            Reply::KeepAlive(
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {over}\r\n\r\n").into_bytes(),
+            )
+        }),
+        None,
+    )
+    .await;
+    // Exactly at the limit, with a head as large as the client reads.
+    let at_limit = serve(
+        handler(|_| {
+            let filler = "v".repeat(1000);
+            let mut head =
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {MAX_RESPONSE_BODY_BYTES}\r\n");
+            for i in 0..90 {
+                head.push_str(&format!("x-filler-{i}: {filler}\r\n"));
+            }
+            head.push_str("\r\n");
+            let mut bytes = head.into_bytes();
+            bytes.resize(bytes.len() + MAX_RESPONSE_BODY_BYTES, b'b');
+            Reply::Close(bytes)
+        }),
+        None,
+    )
+    .await;
+    let limits = DialerLimits {
+        max_response_bytes: 32 * 1024 * 1024,
+        ..DialerLimits::default()
+    };
+    let agent = agent(
+        vec![
+            spec("declared", declared.addr),
+            spec("at-limit", at_limit.addr),
+        ],
+        limits,
+    )
+    .await;
+
+    let started = Instant::now();
+    let refused = agent
+        .send(get(1, "declared", "app.internal", "/Users"))
+        .await;
+    assert_eq!(
+        refused,
+        Err(ForwardError::TooLarge {
+            addr: declared.addr.to_string(),
+            limit: MAX_RESPONSE_BODY_BYTES as u64
+        })
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let answer = agent
+        .send(get(2, "at-limit", "app.internal", "/Users"))
+        .await
+        .expect("an answer at the limit is accepted");
+    assert_eq!(answer.body.len(), MAX_RESPONSE_BODY_BYTES);
+    let frame = Frame::Response(ForwardResponse {
+        id: 2,
+        result: Ok(answer),
+    });
+    crate::tunnel::encode_frame(&frame).expect("the largest accepted answer fits in a frame");
+}
+
+/// Past the unreserved size a body is read only while holding one of the agent-wide large-body
+/// slots: with one slot taken by a body on one target, a large body on another target waits
+/// (and times out), a small one does not, and the large one goes through once the slot is free.
+#[tokio::test]
+async fn large_bodies_share_a_few_slots_across_targets() {
+    let gate = Arc::new(Notify::new());
+    let hog_gate = gate.clone();
+    let hog = serve(
+        handler(move |_| {
+            let mut first = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            first.extend_from_slice(b"800\r\n");
+            first.extend_from_slice(&[b'h'; 2048]);
+            first.extend_from_slice(b"\r\n");
+            let mut rest = b"400\r\n".to_vec();
+            rest.extend_from_slice(&[b'h'; 1024]);
+            rest.extend_from_slice(b"\r\n0\r\n\r\n");
+            Reply::Split(first, hog_gate.clone(), rest)
+        }),
+        None,
+    )
+    .await;
+    let big = serve(handler(|_| Reply::Close(ok(&[b'B'; 4096]))), None).await;
+    let small = serve(handler(|_| Reply::Close(ok(&[b's'; 512]))), None).await;
+    let limits = DialerLimits {
+        unreserved_body_bytes: 1024,
+        large_bodies: 1,
+        ..DialerLimits::default()
+    };
+    let agent = agent(
+        vec![
+            spec("hog", hog.addr),
+            spec("big", big.addr),
+            spec("small", small.addr),
+        ],
+        limits,
+    )
+    .await;
+    let slots = agent
+        .dialers
+        .large_bodies()
+        .expect("slots made with the dialers")
+        .clone();
+    assert_eq!(slots.available(), 1);
+
+    let (tx, mut hogged) = mpsc::unbounded_channel();
+    agent
+        .dialers
+        .route(get(1, "hog", "app.internal", "/Users"), tx);
+    let deadline = Instant::now() + WAIT;
+    while slots.available() != 0 {
+        assert!(Instant::now() < deadline, "the hog never took the slot");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let mut waiting = get(2, "big", "app.internal", "/Users");
+    waiting.timeout_ms = 300;
+    assert!(
+        matches!(
+            agent.send(waiting).await,
+            Err(ForwardError::ResponseTimeout { .. })
+        ),
+        "a large body must wait for the slot"
+    );
+    let fits = agent
+        .send(get(3, "small", "app.internal", "/Users"))
+        .await
+        .expect("a small body needs no slot");
+    assert_eq!(fits.body.len(), 512);
+
+    gate.notify_one();
+    let answer = tokio::time::timeout(WAIT, hogged.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.result.unwrap().body.len(), 3072);
+    let answer = agent
+        .send(get(4, "big", "app.internal", "/Users"))
+        .await
+        .expect("the slot is free again");
+    assert_eq!(answer.body.len(), 4096);
+    assert_eq!(slots.available(), 1);
+}
+
 #[tokio::test]
 async fn target_closing_after_every_response_is_fine() {
     // HTTP/1.0 style: no keep-alive, close after each answer (like scim2-server).
@@ -961,6 +1130,7 @@ async fn dead_pooled_connection_is_replaced_without_failing_the_request() {
         spec("app", server.addr),
         DialerLimits::default(),
         Arc::new(tokio::sync::Semaphore::new(4)),
+        crate::forwarding::LargeBodies::new(&DialerLimits::default()),
     )
     .unwrap();
 

@@ -10,12 +10,15 @@
 //! - `GET /api/apps/<app>/runs/<run id>/operations?after=<seq>&limit=<n>&failed=true`: its
 //!   per-resource operations in plan order.
 //! - `/api/apps/<app>/scim/<path>`: any SCIM request, through the tunnel to the app's server,
-//!   answered unchanged.
+//!   answered unchanged. When no answer came, a 502 whose `forward_error` is the agent's
+//!   typed reason (when the agent gave one).
+//! - `GET /api/runtime`: agent sessions alive, runtime tasks and resident memory of the hub.
 //!
 //! It only reads state and forwards commands to the registry and reconcilers; it never touches
 //! the tunnel or the SCIM servers itself. The token is compared in constant time and never
 //! logged.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,11 +41,13 @@ use super::tunnel_transport::TunnelTransport;
 use crate::config::hub::AppConfig;
 use crate::config::Secret;
 pub use crate::messages::hub::AppStatus;
-use crate::messages::hub::{ReconcilerMsg, ReconcilerStatus, RegistryMsg, RunSummary};
+use crate::messages::hub::{
+    ReconcilerMsg, ReconcilerStatus, RegistryMsg, RunSummary, RuntimeStats,
+};
 use crate::scim::client::SCIM_CONTENT_TYPE;
 use crate::scim::error::ScimError;
 use crate::scim::resources::ScimErrorBody;
-use crate::scim::transport::{ScimRequest, Transport};
+use crate::scim::transport::{ScimRequest, Transport, TransportError};
 use crate::store::Store;
 
 /// Largest request body the pass-through accepts.
@@ -64,6 +69,8 @@ pub struct AdminArgs {
     pub book: ServiceBook,
     pub apps: Vec<AppConfig>,
     pub store: Arc<Store>,
+    /// Agent sessions alive, kept by the Gateway.
+    pub live_sessions: Arc<AtomicUsize>,
 }
 
 #[derive(Clone)]
@@ -74,6 +81,7 @@ struct ApiState {
     book: ServiceBook,
     apps: Arc<Vec<AppConfig>>,
     store: Arc<Store>,
+    live_sessions: Arc<AtomicUsize>,
 }
 
 /// How long the API waits for a reconciler's status; it answers at once unless it is gone.
@@ -99,6 +107,7 @@ impl Actor for Admin {
             book: args.book,
             apps: Arc::new(args.apps),
             store: args.store,
+            live_sessions: args.live_sessions,
         };
         let app = router(state);
         let listener = args.listener;
@@ -136,6 +145,7 @@ fn router(state: ApiState) -> Router {
         .route("/api/apps/{app}/runs/{run}", get(run))
         .route("/api/apps/{app}/runs/{run}/operations", get(operations))
         .route("/api/apps/{app}/scim/{*path}", any(pass_through))
+        .route("/api/runtime", get(runtime))
         // The pass-through carries SCIM bodies, which can be list pages of some size.
         .layer(axum::extract::DefaultBodyLimit::max(PASS_THROUGH_MAX_BODY))
         .with_state(state)
@@ -191,6 +201,34 @@ async fn services(State(state): State<ApiState>, headers: HeaderMap) -> Response
         Ok(CallResult::Success(list)) => Json(list).into_response(),
         _ => error(StatusCode::SERVICE_UNAVAILABLE, "registry did not answer"),
     }
+}
+
+async fn runtime(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    Json(RuntimeStats {
+        agent_sessions: state.live_sessions.load(Ordering::Relaxed),
+        tasks: tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks(),
+        rss_bytes: resident_bytes(),
+    })
+    .into_response()
+}
+
+/// Resident memory of this process from `/proc/self/status` (`VmRSS`); `None` elsewhere.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line
+        .trim_start_matches("VmRSS:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 async fn apps(State(state): State<ApiState>, headers: HeaderMap) -> Response {
@@ -473,8 +511,22 @@ async fn pass_through(
                 .body(axum::body::Body::from(answer.body))
                 .unwrap_or_else(|e| error(StatusCode::BAD_GATEWAY, e.to_string()))
         }
-        Err(e) => error(StatusCode::BAD_GATEWAY, ScimError::Transport(e).diagnosis()),
+        Err(e) => no_answer(e),
     }
+}
+
+/// The 502 of a pass-through that got no answer: the diagnosis for people, and the agent's
+/// typed reason for programs (`forward_error`, e.g. `{"TooLarge": {"addr": …, "limit": …}}`).
+fn no_answer(e: TransportError) -> Response {
+    let forward = match &e {
+        TransportError::Forward(f) => serde_json::to_value(f).ok(),
+        _ => None,
+    };
+    let mut body = serde_json::json!({ "error": ScimError::Transport(e).diagnosis() });
+    if let Some(forward) = forward {
+        body["forward_error"] = forward;
+    }
+    (StatusCode::BAD_GATEWAY, Json(body)).into_response()
 }
 
 /// The methods the tunnel carries (RFC 7644 §3.2); the agent refuses any other.

@@ -3,18 +3,27 @@
 //! responses, and notices when the agent goes silent.
 //!
 //! Every request it accepted is answered exactly once: by the agent, by the hub's own deadline,
-//! or with a tunnel error when the session ends. When the agent says goodbye, the session
-//! leaves the registry at once (nothing more is routed to it) and stays only until the agent
-//! has answered the requests already sent.
+//! or with an "agent lost" error when the session ends (the request's outcome is then unknown,
+//! and the client may re-send it through another agent). A request it cannot send (the agent
+//! said goodbye, or the tunnel just closed) goes back to the registry to be routed elsewhere,
+//! since it never left the hub. When the agent says goodbye, the session leaves the registry
+//! at once and stays only until the agent has answered the requests already sent; when the
+//! session ends, it leaves the registry before it fails the requests still pending, so that
+//! their retries are routed to another agent. It keeps the agent's [`AgentHealth`] current
+//! (last heard, round trip, answered and failed requests) for routing and status.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::{debug, info, warn};
 
+use super::health::{AgentHealth, InFlight};
 use crate::actors::key_exchange::{KeyExchange, KeyExchangeArgs, KeyExchangeMsg, Role};
-use crate::messages::hub::{AgentEntry, AgentSessionMsg, RegistryMsg, TunnelReply};
+use crate::messages::hub::{
+    AgentEntry, AgentSessionMsg, GatewayMsg, RegistryMsg, TunnelReply, TunnelRequest,
+};
 use crate::messages::liveness::{self, CHECK_EVERY, DEAD_AFTER, PING_EVERY};
 use crate::messages::{ForwardRequest, Frame, LinkEvent, PROTOCOL_VERSION};
 use crate::net::link::Link;
@@ -37,6 +46,8 @@ pub struct AgentSessionArgs {
     pub peer: String,
     pub session_id: u64,
     pub registry: ActorRef<RegistryMsg>,
+    /// Told the agent's instance at hello, so it can drop a stale session of the same agent.
+    pub gateway: ActorRef<GatewayMsg>,
 }
 
 /// The AgentSession actor.
@@ -48,13 +59,21 @@ pub struct AgentSessionState {
     peer: String,
     session_id: u64,
     registry: ActorRef<RegistryMsg>,
+    gateway: ActorRef<GatewayMsg>,
     link: Option<Link>,
     registered: bool,
     /// The agent said goodbye: it gets no new request, and the session ends once the requests
     /// already sent are answered.
     draining: bool,
     next_id: u64,
-    pending: HashMap<u64, (TunnelReply, Duration)>,
+    /// Requests sent to the agent: where the answer goes, how long the hub waits, and the
+    /// request's claim on the agent's in-flight count.
+    pending: HashMap<u64, (TunnelReply, Duration, InFlight)>,
+    /// The name the agent gave in its hello (its peer address until then).
+    agent_name: String,
+    health: Arc<AgentHealth>,
+    /// Why the session is ending, for the requests it must fail.
+    ended_because: Option<String>,
     last_heard: Instant,
     last_ping: Instant,
     ping_seq: u64,
@@ -62,6 +81,16 @@ pub struct AgentSessionState {
 }
 
 impl AgentSessionState {
+    /// Gives a request that never left the hub back to the registry, to be routed to another
+    /// agent. Only called once this session is out of the registry, so it cannot come back.
+    fn reroute(&self, request: TunnelRequest, reply: TunnelReply) {
+        let _ = self.registry.cast(RegistryMsg::Route {
+            service: self.service.clone(),
+            request,
+            reply,
+        });
+    }
+
     /// Takes the agent out of the registry (once).
     fn unregister(&mut self) {
         if self.registered {
@@ -86,14 +115,18 @@ impl Actor for AgentSession {
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(AgentSessionState {
             service: args.service,
-            peer: args.peer,
+            peer: args.peer.clone(),
             session_id: args.session_id,
             registry: args.registry,
+            gateway: args.gateway,
             link: None,
             registered: false,
             draining: false,
             next_id: 0,
             pending: HashMap::new(),
+            agent_name: args.peer,
+            health: AgentHealth::new(),
+            ended_because: None,
             last_heard: Instant::now(),
             last_ping: Instant::now(),
             ping_seq: 0,
@@ -152,12 +185,23 @@ impl Actor for AgentSession {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        for (_, (reply, _)) in state.pending.drain() {
-            let _ = reply.send(Err(TransportError::Tunnel {
-                detail: "the agent disconnected before answering".into(),
+        // Out of the registry first: the retries of the requests failed below must not be
+        // routed here again.
+        state.unregister();
+        let why = state
+            .ended_because
+            .take()
+            .unwrap_or_else(|| "its session ended".into());
+        if !state.pending.is_empty() {
+            warn!(agent = %state.agent_name, session = state.session_id, requests = state.pending.len(), "agent lost with requests in flight: {why}");
+        }
+        for (_, (reply, _, _ticket)) in state.pending.drain() {
+            state.health.count_failed();
+            let _ = reply.send(Err(TransportError::AgentLost {
+                agent: state.agent_name.clone(),
+                detail: why.clone(),
             }));
         }
-        state.unregister();
         if let Some(mut link) = state.link.take() {
             link.close(CLOSE_FLUSH).await;
         }
@@ -192,22 +236,29 @@ impl Actor for AgentSession {
             }
             AgentSessionMsg::Link(LinkEvent::Closed(why)) => {
                 info!(peer = %state.peer, service = %state.service, session = state.session_id, "agent tunnel closed: {why}");
+                state.unregister();
+                state.ended_because = Some(format!("it disconnected: {why}"));
                 myself.stop(None);
             }
-            AgentSessionMsg::Forward { request, reply } if state.draining => {
-                // Routed before the registry heard the goodbye: let it choose again (it no
-                // longer lists this session, since the unregister was sent first).
-                let _ = state.registry.cast(RegistryMsg::Route {
-                    service: state.service.clone(),
-                    request,
-                    reply,
-                });
+            AgentSessionMsg::Forward { request, reply, .. }
+                if state.draining || !state.registered || state.link.is_none() =>
+            {
+                // Routed before the registry heard the goodbye (or the end of the tunnel): let
+                // it choose again. It no longer lists this session, since the unregister was
+                // sent first.
+                state.reroute(request, reply);
             }
-            AgentSessionMsg::Forward { request, reply } => {
-                let Some(link) = state.link.as_ref().filter(|_| state.registered) else {
-                    let _ = reply.send(Err(TransportError::Tunnel {
-                        detail: "the agent session is not ready".into(),
-                    }));
+            AgentSessionMsg::Forward {
+                request,
+                reply,
+                ticket,
+            } => {
+                let Some(link) = state.link.as_ref().filter(|l| !l.is_finished()) else {
+                    // The tunnel ended under it: the request is still whole, and unsent.
+                    info!(peer = %state.peer, session = state.session_id, "tunnel closed under a request; routing it elsewhere");
+                    state.unregister();
+                    drop(ticket);
+                    state.reroute(request, reply);
                     return Ok(());
                 };
                 state.next_id += 1;
@@ -226,18 +277,27 @@ impl Actor for AgentSession {
                     timeout_ms: timeout.as_millis().min(u32::MAX as u128) as u32,
                 });
                 if link.send(frame) {
-                    state.pending.insert(id, (reply, timeout + REQUEST_SLACK));
+                    state
+                        .pending
+                        .insert(id, (reply, timeout + REQUEST_SLACK, ticket));
                     myself.send_after(timeout + REQUEST_SLACK, move || AgentSessionMsg::Expire {
                         id,
                     });
                 } else {
-                    let _ = reply.send(Err(TransportError::Tunnel {
-                        detail: "the tunnel to the agent is closed".into(),
+                    // The writer ended between the check above and now: nothing was sent, but
+                    // the request is gone with the frame. Answered as lost, which the client
+                    // re-sends through another agent (or looks up first, for a create).
+                    state.unregister();
+                    state.health.count_failed();
+                    let _ = reply.send(Err(TransportError::AgentLost {
+                        agent: state.agent_name.clone(),
+                        detail: "its tunnel closed as the request was sent".into(),
                     }));
                 }
             }
             AgentSessionMsg::Expire { id } => {
-                if let Some((reply, waited)) = state.pending.remove(&id) {
+                if let Some((reply, waited, _ticket)) = state.pending.remove(&id) {
+                    state.health.count_failed();
                     warn!(
                         request_id = id,
                         session = state.session_id,
@@ -258,6 +318,11 @@ impl Actor for AgentSession {
                 let silent = state.last_heard.elapsed();
                 if liveness::is_dead(silent) {
                     warn!(peer = %state.peer, session = state.session_id, "agent silent for {:.1} s (limit {DEAD_AFTER:?}), dropping its session", silent.as_secs_f64());
+                    state.unregister();
+                    state.ended_because = Some(format!(
+                        "it was silent for {:.0} s (missed heartbeats)",
+                        silent.as_secs_f64()
+                    ));
                     myself.stop(None);
                 } else if state.last_ping.elapsed() >= PING_EVERY {
                     if let Some(link) = &state.link {
@@ -283,10 +348,12 @@ impl AgentSession {
         frame: Frame,
     ) {
         let Some(link) = &state.link else { return };
+        state.health.heard(SystemTime::now());
         match frame {
             Frame::Hello {
                 version,
                 agent_name,
+                instance,
                 targets,
             } => {
                 if version != PROTOCOL_VERSION {
@@ -300,6 +367,11 @@ impl AgentSession {
                 if state.registered || state.draining {
                     return;
                 }
+                state.agent_name = agent_name.clone();
+                let _ = state.gateway.cast(GatewayMsg::Identified {
+                    session_id: state.session_id,
+                    instance,
+                });
                 let _ = state.registry.cast(RegistryMsg::Register {
                     service: state.service.clone(),
                     agent: AgentEntry {
@@ -309,6 +381,7 @@ impl AgentSession {
                         targets,
                         connected_at: SystemTime::now(),
                         session: myself.clone(),
+                        health: state.health.clone(),
                     },
                 });
                 state.registered = true;
@@ -327,7 +400,8 @@ impl AgentSession {
             Frame::Targets { .. } => {}
             Frame::Response(response) => {
                 match state.pending.remove(&response.id) {
-                    Some((reply, _)) => {
+                    Some((reply, _, _ticket)) => {
+                        state.health.count_answered();
                         let _ = reply.send(response.result.map_err(TransportError::Forward));
                     }
                     None => debug!(request_id = response.id, "late response dropped"),
@@ -340,7 +414,11 @@ impl AgentSession {
             Frame::Ping { seq, sent_micros } => {
                 link.send(Frame::Pong { seq, sent_micros });
             }
-            Frame::Pong { .. } => {}
+            Frame::Pong { sent_micros, .. } => {
+                state
+                    .health
+                    .set_rtt(now_micros().saturating_sub(sent_micros));
+            }
             Frame::Goodbye { reason } => {
                 // Before anything else, so the registry routes nothing more here.
                 state.unregister();

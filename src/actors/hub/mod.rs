@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod agent_session;
 pub mod gateway;
+pub mod health;
 pub mod reconciler;
 pub mod registry;
 pub mod services;
@@ -13,6 +14,7 @@ pub mod tunnel_transport;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -129,6 +131,15 @@ pub async fn start(config: &HubConfig, options: HubOptions) -> Result<HubHandle,
     let agent_addr = agent_listener.local_addr().unwrap_or(config.listen);
     let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.listen);
     let store = Arc::new(Store::open(&config.state_dir)?);
+    // Runs still "running" belong to a hub process that is gone: it stopped or crashed during
+    // them. They are kept, as interrupted.
+    let interrupted = store.interrupt_unfinished(reconciler::INTERRUPTED)?;
+    if interrupted > 0 {
+        tracing::warn!(
+            runs = interrupted,
+            "runs the previous hub never finished are recorded as interrupted"
+        );
+    }
     let book = ServiceBook::new(&config.services);
     let book_for_admin = book.clone();
 
@@ -159,6 +170,7 @@ pub async fn start(config: &HubConfig, options: HubOptions) -> Result<HubHandle,
     .await
     .map_err(spawn_err)?;
     registry.link(supervisor.get_cell());
+    let live_sessions = Arc::new(AtomicUsize::new(0));
     Actor::spawn_linked(
         None,
         Gateway,
@@ -167,6 +179,7 @@ pub async fn start(config: &HubConfig, options: HubOptions) -> Result<HubHandle,
             tls,
             book,
             registry: registry.clone(),
+            live_sessions: live_sessions.clone(),
         },
         supervisor.get_cell(),
     )
@@ -183,6 +196,7 @@ pub async fn start(config: &HubConfig, options: HubOptions) -> Result<HubHandle,
             book: book_for_admin,
             apps: config.apps.clone(),
             store: store.clone(),
+            live_sessions,
         },
         supervisor.get_cell(),
     )

@@ -7,6 +7,11 @@
 //! answering (status, last run) while it lasts, and a forced sync that arrives meanwhile joins
 //! the running run instead of starting another. It only ever deprovisions users, and renames or
 //! deletes groups, recorded as managed for its own application.
+//!
+//! A run is in the store from its start: should the hub stop or crash before it ends, the run
+//! shows as interrupted (marked when the reconciler stops, or at the next hub start), never as
+//! running forever. A run also records the agents lost while they carried its requests and
+//! how many requests were re-sent through another agent.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +24,9 @@ use tracing::{info, warn};
 use super::tunnel_transport::TunnelTransport;
 use crate::config::directory::{DirUser, Directory, GrantedGroup};
 use crate::config::hub::{AppConfig, DeprovisionMode as ConfigMode};
-use crate::messages::hub::{ReconcilerMsg, ReconcilerStatus, RegistryMsg, RunSummary, SyncOutcome};
+use crate::messages::hub::{
+    ReconcilerMsg, ReconcilerStatus, RegistryMsg, RunState, RunSummary, SyncOutcome,
+};
 use crate::scim::client::ScimClient;
 use crate::scim::diff::{DeprovisionMode, DesiredUser};
 use crate::scim::error::NO_CONNECTOR;
@@ -43,8 +50,15 @@ pub struct ReconcilerArgs {
 /// The Reconciler actor.
 pub struct Reconciler;
 
+/// The message of a run the hub stopped in the middle of.
+pub const INTERRUPTED: &str = "interrupted: the hub stopped during this run, so its counts \
+    and operations are not recorded; the next run lists the application afresh and completes \
+    the work";
+
 /// The run going on now.
 struct Running {
+    /// Its row in the store (0 when it could not be recorded).
+    run_id: i64,
     started_unix_ms: u64,
     /// Forced syncs waiting for this run, each marked whether it joined a run it did not start.
     waiters: Vec<(RpcReplyPort<SyncOutcome>, bool)>,
@@ -156,6 +170,11 @@ impl Actor for Reconciler {
         // The run's requests stop with it; its waiters hear that the reconciler is gone.
         if let Some(running) = state.running.take() {
             running.task.abort();
+            if running.run_id > 0 {
+                if let Err(e) = state.args.store.interrupt_run(running.run_id, INTERRUPTED) {
+                    warn!(app = %state.args.app.name, "cannot record the interrupted run: {e}");
+                }
+            }
         }
         Ok(())
     }
@@ -172,23 +191,43 @@ fn start_run(
     let args = state.args.clone();
     let me = myself.clone();
     let app = args.app.name.clone();
-    let run = tokio::spawn(async move { run_once(&args, started).await });
+    let run_id = args
+        .store
+        .begin_run(&app, unix_ms(started))
+        .unwrap_or_else(|e| {
+            warn!(app = %app, "cannot record the start of the run: {e}");
+            0
+        });
+    let store = args.store.clone();
+    let run = tokio::spawn(async move { run_once(&args, started, run_id).await });
     let task = run.abort_handle();
     tokio::spawn(async move {
-        let summary = run.await.unwrap_or_else(|e| {
-            warn!(app = %app, "the run failed inside the hub: {e}");
-            RunSummary {
-                app,
-                started_unix_ms: unix_ms(started),
-                message: Some(format!(
-                    "internal error of the hub during the run ({e}): see the hub's log; the next run starts afresh"
-                )),
-                ..Default::default()
+        let summary = match run.await {
+            Ok(summary) => summary,
+            // Aborted with the reconciler, which records the run as interrupted itself.
+            Err(e) if e.is_cancelled() => return,
+            Err(e) => {
+                warn!(app = %app, "the run failed inside the hub: {e}");
+                let mut summary = RunSummary {
+                    app,
+                    run_id,
+                    started_unix_ms: unix_ms(started),
+                    message: Some(format!(
+                        "internal error of the hub during the run ({e}): see the hub's log; the next run starts afresh"
+                    )),
+                    ..Default::default()
+                };
+                match store.finish_run(run_id, &summary, &[]) {
+                    Ok(id) => summary.run_id = id,
+                    Err(e) => warn!(app = %summary.app, "cannot record the run: {e}"),
+                }
+                summary
             }
-        });
+        };
         let _ = me.cast(ReconcilerMsg::RunFinished(Box::new(summary)));
     });
     state.running = Some(Running {
+        run_id,
         started_unix_ms: unix_ms(started),
         waiters: waiter.map(|w| (w, false)).into_iter().collect(),
         task,
@@ -201,8 +240,9 @@ fn unix_ms(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// One full reconciliation of the application's users and groups, recorded in the store.
-pub async fn run_once(args: &ReconcilerArgs, started: SystemTime) -> RunSummary {
+/// One full reconciliation of the application's users and groups, recorded in the store as the
+/// end of run `run_id` (begun with [`Store::begin_run`]; 0 records it as a new run).
+pub async fn run_once(args: &ReconcilerArgs, started: SystemTime, run_id: i64) -> RunSummary {
     let app = &args.app;
     let clock = Instant::now();
     let mut summary = RunSummary {
@@ -220,9 +260,23 @@ pub async fn run_once(args: &ReconcilerArgs, started: SystemTime) -> RunSummary 
             summary.message = Some(message);
         }
     }
-    match args.store.record_run(&summary, &operations) {
+    summary.state = RunState::Finished;
+    let recorded = if run_id > 0 {
+        args.store.finish_run(run_id, &summary, &operations)
+    } else {
+        args.store.record_run(&summary, &operations)
+    };
+    match recorded {
         Ok(id) => summary.run_id = id,
         Err(e) => warn!(app = %app.name, "cannot record the run: {e}"),
+    }
+    if !summary.agents_lost.is_empty() {
+        let lost: Vec<&str> = summary
+            .agents_lost
+            .iter()
+            .map(|a| a.agent.as_str())
+            .collect();
+        warn!(app = %app.name, agents = ?lost, rerouted = summary.rerouted, "agents were lost during the run");
     }
     if summary.ok {
         info!(app = %app.name, created = summary.created, updated = summary.updated, deprovisioned = summary.deprovisioned(), unchanged = summary.unchanged, groups_created = summary.groups.created, groups_updated = summary.groups.updated, groups_deleted = summary.groups.deleted, "sync finished");
@@ -257,7 +311,7 @@ async fn reconcile(
     };
     let transport = Arc::new(TunnelTransport::new(args.registry.clone(), app));
     let client = ScimClient::new(
-        transport,
+        transport.clone(),
         app.base_url.path.clone(),
         app.auth.authorization().map(|s| s.expose().to_string()),
         app.page_size,
@@ -273,9 +327,11 @@ async fn reconcile(
         member_batch: app.member_batch_size as usize,
         groups: app.provision_groups,
     };
-    let report = sync(&client, &desired, &groups, &managed, &options)
-        .await
-        .map_err(|e| sync_diagnosis(&e, &app.name))?;
+    let report = sync(&client, &desired, &groups, &managed, &options).await;
+    // Recorded whether the run went through or not: a failover is worth knowing either way.
+    summary.agents_lost = transport.lost_agents();
+    summary.rerouted = client.reroute_count();
+    let report = report.map_err(|e| sync_diagnosis(&e, &app.name))?;
     args.store
         .set_managed_users(&app.name, &report.managed_after.users)
         .map_err(store_error)?;

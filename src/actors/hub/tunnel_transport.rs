@@ -1,6 +1,11 @@
 //! The SCIM client's transport on the hub: every request of one application goes to the
 //! Registry, which routes it through an agent of the app's service to the app's target.
+//!
+//! It also notes which agents were lost with its requests in flight, so that a run can record
+//! its failovers; whether to send such a request again is the client's retry layer's call.
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -8,7 +13,7 @@ use ractor::rpc::CallResult;
 use ractor::ActorRef;
 
 use crate::config::hub::AppConfig;
-use crate::messages::hub::{RegistryMsg, TunnelRequest};
+use crate::messages::hub::{LostAgent, RegistryMsg, TunnelRequest};
 use crate::messages::Scheme;
 use crate::scim::transport::{ScimRequest, ScimResponse, Transport, TransportError};
 
@@ -21,6 +26,8 @@ pub struct TunnelTransport {
     host: String,
     skip_tls_verify: bool,
     timeout: Duration,
+    /// Agent name → requests of this transport it carried when it was lost.
+    lost: Mutex<BTreeMap<String, usize>>,
 }
 
 impl TunnelTransport {
@@ -38,6 +45,31 @@ impl TunnelTransport {
             host: app.base_url.host.clone(),
             skip_tls_verify: app.skip_tls_check,
             timeout: app.request_timeout,
+            lost: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The agents lost so far with requests of this transport in flight, by name.
+    pub fn lost_agents(&self) -> Vec<LostAgent> {
+        self.lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(agent, requests)| LostAgent {
+                agent: agent.clone(),
+                requests: *requests,
+            })
+            .collect()
+    }
+
+    fn note(&self, error: &TransportError) {
+        if let TransportError::AgentLost { agent, .. } = error {
+            *self
+                .lost
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(agent.clone())
+                .or_default() += 1;
         }
     }
 }
@@ -78,7 +110,11 @@ impl Transport for TunnelTransport {
                     detail: format!("hub registry unavailable: {e}"),
                 })?;
             let response = match outcome {
-                CallResult::Success(result) => result?,
+                CallResult::Success(Ok(response)) => response,
+                CallResult::Success(Err(e)) => {
+                    self.note(&e);
+                    return Err(e);
+                }
                 CallResult::Timeout => {
                     return Err(TransportError::Timeout {
                         after_ms: bound.as_millis() as u64,
