@@ -1,7 +1,7 @@
 # Shared by bench/run.sh and bench/profile.sh (sourced, not run): tools, build, the work
 # folder with its cleanup, nginx as the one origin, and hub + agent as separate processes of the
 # real binary. Expects ROOT, SMOKE and RATHOLE to be set; BENCH_WRAP_HUB / BENCH_WRAP_AGENT may
-# name a command (e.g. valgrind) to run that process under.
+# name a command (e.g. valgrind) to run that process under, BENCH_CONNECT another `connect`.
 
 say() { echo "bench: $*" >&2; }
 die() {
@@ -36,16 +36,21 @@ fi
 
 # --- build -------------------------------------------------------------------------------
 cd "$ROOT"
+# Two commands: built together, the binary would get the example's dev-dependency features
+# (tokio's test-util) and would not be the binary that is shipped.
 if [ "$SMOKE" = 1 ]; then
     PROFILE_DIR=debug
     say "building (debug)"
-    cargo build -q --bin connect --example bench
+    cargo build -q --bin connect
+    cargo build -q --example bench
 else
     PROFILE_DIR=release
     say "building (release)"
-    cargo build -q --release --bin connect --example bench
+    cargo build -q --release --bin connect
+    cargo build -q --release --example bench
 fi
-BIN="$ROOT/target/$PROFILE_DIR/connect"
+# BENCH_CONNECT may name another build of `connect` (e.g. main's, for before/after profiles).
+BIN="${BENCH_CONNECT:-$ROOT/target/$PROFILE_DIR/connect}"
 BENCH="$ROOT/target/$PROFILE_DIR/examples/bench"
 
 # --- work folder and cleanup -------------------------------------------------------------
