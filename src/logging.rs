@@ -57,18 +57,21 @@ pub struct Untrusted<'a>(&'a str);
 
 impl std::fmt::Display for Untrusted<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use std::fmt::Write as _;
-        for (i, c) in self.0.chars().enumerate() {
+        // Runs of plain characters are written whole: one call per character was 3 % of the
+        // agent's instructions per forwarded request.
+        let mut plain_from = 0;
+        for (i, (at, c)) in self.0.char_indices().enumerate() {
             if i == UNTRUSTED_MAX_CHARS {
+                f.write_str(&self.0[plain_from..at])?;
                 return f.write_str("…");
             }
             if c.is_control() {
+                f.write_str(&self.0[plain_from..at])?;
                 write!(f, "{}", c.escape_default())?;
-            } else {
-                f.write_char(c)?;
+                plain_from = at + c.len_utf8();
             }
         }
-        Ok(())
+        f.write_str(&self.0[plain_from..])
     }
 }
 
@@ -93,6 +96,11 @@ mod tests {
         let shown = untrusted(&long).to_string();
         assert_eq!(shown.chars().count(), UNTRUSTED_MAX_CHARS + 1);
         assert!(shown.ends_with('…'));
+        // Exactly at the bound nothing is cut; a control at the very end is escaped.
+        let full = "a".repeat(UNTRUSTED_MAX_CHARS);
+        assert_eq!(untrusted(&full).to_string(), full);
+        assert_eq!(untrusted("ab\n").to_string(), "ab\\n");
+        assert_eq!(untrusted("\te").to_string(), "\\te");
         // C1 controls (which some terminals obey) are escaped as well.
         assert_eq!(untrusted("\u{9b}").to_string(), "\\u{9b}");
     }
