@@ -482,14 +482,21 @@ async fn get(
             let (left, authority, path, auth) =
                 (left.clone(), authority.clone(), path.clone(), auth.clone());
             tokio::spawn(async move {
-                let tcp = tokio::net::TcpStream::connect(&authority)
-                    .await
-                    .map_err(|e| format!("{authority}: {e}"))?;
-                let _ = tcp.set_nodelay(true);
-                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                let connect = || async {
+                    let tcp = tokio::net::TcpStream::connect(&authority)
+                        .await
+                        .map_err(|e| format!("{authority}: {e}"))?;
+                    let _ = tcp.set_nodelay(true);
+                    let (sender, conn) = hyper::client::conn::http1::handshake::<
+                        _,
+                        Empty<bytes::Bytes>,
+                    >(TokioIo::new(tcp))
                     .await
                     .map_err(|e| e.to_string())?;
-                tokio::spawn(conn);
+                    tokio::spawn(conn);
+                    Ok::<_, String>(sender)
+                };
+                let mut sender = connect().await?;
                 while left
                     .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
                     .is_ok()
@@ -508,6 +515,12 @@ async fn get(
                         .await
                         .map_err(|e| e.to_string())?;
                     let status = response.status();
+                    // nginx ends a keep-alive connection after 1,000 requests (its default)
+                    // and says so in the last answer.
+                    let closing = response
+                        .headers()
+                        .get(hyper::header::CONNECTION)
+                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
                     response
                         .into_body()
                         .collect()
@@ -515,6 +528,9 @@ async fn get(
                         .map_err(|e| e.to_string())?;
                     if status != hyper::StatusCode::OK {
                         return Err(format!("answered {status}"));
+                    }
+                    if closing {
+                        sender = connect().await?;
                     }
                 }
                 Ok::<(), String>(())
