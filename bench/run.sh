@@ -6,7 +6,7 @@
 #   B4 agent footprint: RSS idle and at 1,000 requests in flight, CPU per 10,000 forwards
 # and prints one table with every figure and the command behind it.
 #
-#   bench/run.sh            the full run (release build; about 15 minutes on 2 cores)
+#   bench/run.sh            the full run (release build; B1-B4 take about 7 minutes on 2 cores)
 #   bench/run.sh --smoke    a few seconds of each workload with the debug build, no rathole:
 #                           checks the harness end to end, the figures mean nothing
 #
@@ -37,7 +37,7 @@ while [ $# -gt 0 ]; do
         --b3-users) B3_USERS=$2; shift ;;
         --groups) NGROUPS=$2; shift ;;
         --no-rathole) RATHOLE=0 ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench/run.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
