@@ -11,15 +11,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 VENV=$ROOT/.venv
 
-# Versions checked to install and work together here; change them together.
-PY_PACKAGES=(
-  scim2-server==0.8.3
-  scim2-cli==0.6.0
-  scim2-tester==0.5.2
-  scim2-models==0.12.3
-  scim2-client==0.13.2
-)
-
 START=$SECONDS
 step() { printf '\n==> [%ss] %s\n' "$((SECONDS - START))" "$*"; }
 
@@ -27,28 +18,10 @@ as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-# --- Python test peers ------------------------------------------------------------------
-# The stamp records what was installed, so a changed pin reinstalls and an unchanged one is free.
-STAMP=$VENV/.scim-connect-packages
-WANT="${PY_PACKAGES[*]}"
-if [ -x "$VENV/bin/scim2-server" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ]; then
-  step "Python test peers present in .venv: $WANT"
-else
-  if [ ! -x "$VENV/bin/python" ]; then
-    step "create .venv (python3 -m venv)"
-    if ! python3 -m venv "$VENV"; then
-      # Debian's system python needs python3-venv for ensurepip.
-      rm -rf "$VENV"
-      step "python3 -m venv failed: installing Debian's python3-venv"
-      as_root apt-get update
-      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv
-      python3 -m venv "$VENV"
-    fi
-  fi
-  step "pip install ${PY_PACKAGES[*]}"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PY_PACKAGES[@]}"
-  printf '%s' "$WANT" > "$STAMP"
-fi
+# --- Python test peers (scripts/python-peers.sh) ---------------------------------------------
+# shellcheck source=scripts/python-peers.sh
+source "$ROOT/scripts/python-peers.sh"
+ensure_python_peers
 
 # --- tinyproxy (Debian) for the HTTP CONNECT proxy tests -------------------------------------
 if command -v tinyproxy >/dev/null 2>&1; then
@@ -111,9 +84,14 @@ if [ "$FUZZ_SECONDS" -gt 0 ]; then
 fi
 
 # Nothing may be printed after the test runner: its closing summary line is the run's verdict.
+# With nextest, two steps (.config/nextest.toml): the fault-injection suite, bounded as a whole
+# by its profile's global-timeout, then every other test. Their filters are complements, so each
+# test runs exactly once; a failing fault suite ends the script with its own summary.
 if cargo nextest --version >/dev/null 2>&1; then
-  step "cargo nextest run (SCIM2_SERVER_BIN=$SCIM2_SERVER_BIN)"
-  exec cargo nextest run --no-fail-fast
+  step "fault-injection suite: cargo nextest run --profile faults (SCIM2_SERVER_BIN=$SCIM2_SERVER_BIN)"
+  cargo nextest run --profile faults --no-fail-fast
+  step "every other test: cargo nextest run --profile rest"
+  exec cargo nextest run --profile rest --no-fail-fast
 else
   step "cargo test --all-targets (cargo-nextest not installed; SCIM2_SERVER_BIN=$SCIM2_SERVER_BIN)"
   exec cargo test --all-targets --no-fail-fast

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::actors::hub::health::Health;
 use crate::config::Secret;
+use crate::display::coarse_duration;
 use crate::messages::hub::{
     AppStatus, RunState, RunSummary, RuntimeStats, ServiceStatus, SyncOutcome,
 };
@@ -365,13 +366,7 @@ pub fn describe_status(status: &HubStatus, now: SystemTime) -> String {
 
 /// How long ago `then_ms` was, coarsely: `42s`, `5m 3s`, `2h 5m`, `3d 4h`.
 fn ago(then_ms: u64, now_ms: u64) -> String {
-    let secs = Duration::from_millis(now_ms.saturating_sub(then_ms)).as_secs();
-    match secs {
-        0..60 => format!("{secs}s"),
-        60..3600 => format!("{}m {}s", secs / 60, secs % 60),
-        3600..86400 => format!("{}h {}m", secs / 3600, secs % 3600 / 60),
-        _ => format!("{}d {}h", secs / 86400, secs % 86400 / 3600),
-    }
+    coarse_duration(Duration::from_millis(now_ms.saturating_sub(then_ms)).as_secs())
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ pub mod admin_client;
 pub mod certs;
 pub mod config;
 pub mod demo;
+pub mod display;
 pub mod forwarding;
 pub mod logging;
 pub mod messages;

@@ -288,6 +288,7 @@ async fn heartbeats_notice_a_frozen_hub_and_a_frozen_agent_within_15_s() {
     let targets = vec![Target::new("crm-scim", format!("127.0.0.1:{}", crm.port))];
     let mut deployment = deploy(DeploySpec::new(apps, targets)).await;
     deployment.wait_for_agent("crm-scim").await;
+    deployment.wait_for_agent_connected().await;
     let ini = deployment.path("config.ini");
 
     // The hub freezes (its sockets stay open, nothing answers).

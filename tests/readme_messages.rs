@@ -250,7 +250,31 @@ fn scim_messages() -> Vec<String> {
             detail: "panic".into(),
         }),
         fwd(ForwardError::ShuttingDown),
+        fwd(ForwardError::Busy {
+            name: "crm".into(),
+            queued: 2048,
+        }),
     ];
+    // Every kind of forward error is in the list above: a new one fails to compile here
+    // until it is added there (and to the README).
+    for error in &errors {
+        if let ScimError::Transport(TransportError::Forward(f)) = error {
+            match f {
+                ForwardError::UndeclaredTarget { .. }
+                | ForwardError::Refused { .. }
+                | ForwardError::ConnectRefused { .. }
+                | ForwardError::ConnectTimeout { .. }
+                | ForwardError::Dns { .. }
+                | ForwardError::Tls { .. }
+                | ForwardError::ResponseTimeout { .. }
+                | ForwardError::TooLarge { .. }
+                | ForwardError::Network { .. }
+                | ForwardError::Internal { .. }
+                | ForwardError::ShuttingDown
+                | ForwardError::Busy { .. } => {}
+            }
+        }
+    }
     let mut messages: Vec<String> = errors.iter().map(ScimError::diagnosis).collect();
     // The runs that change nothing at all: the deletion guard, and an app without Groups.
     let refusal = DeletionGuard::Count(5).check(9, 1, 40).unwrap_err();

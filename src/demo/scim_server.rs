@@ -644,23 +644,35 @@ async fn list_users(
             .is_some_and(|d| d.to_lowercase() == v.to_lowercase()),
         Some((FilterAttr::Value, _)) => false,
     };
-    let total = store.users.values().filter(matches).count();
-    let page: Vec<Value> = store
-        .users
-        .values()
-        .filter(matches)
-        .skip(start - 1)
-        .take(count)
-        .map(|s| render(s, &base))
-        .collect();
+    let body = list_page(store.users.values().filter(matches), start, count, |s| {
+        render(s, &base)
+    });
     drop(store);
-    let body = ListResponse {
+    Ok(scim_response(StatusCode::OK, &body))
+}
+
+/// The ListResponse of the `count` resources from 1-based `start` among `matching`, with
+/// `totalResults` counting all of them.
+fn list_page<T>(
+    matching: impl Iterator<Item = T>,
+    start: usize,
+    count: usize,
+    mut render: impl FnMut(T) -> Value,
+) -> ListResponse<Value> {
+    let mut total = 0usize;
+    let mut page = Vec::new();
+    for (index, item) in matching.enumerate() {
+        total += 1;
+        if index + 1 >= start && page.len() < count {
+            page.push(render(item));
+        }
+    }
+    ListResponse {
         total_results: total as u64,
         start_index: Some(start as u64),
         items_per_page: Some(page.len() as u64),
         resources: page,
-    };
-    Ok(scim_response(StatusCode::OK, &body))
+    }
 }
 
 /// The strict shape of a User body: anything not listed is an error, as on real servers.

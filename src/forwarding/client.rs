@@ -12,7 +12,7 @@
 //! answering huge bodies at once cannot multiply that cost by the number of requests in flight.
 
 use std::error::Error as StdError;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +39,26 @@ use crate::messages::{ForwardError, ForwardRequest, HttpResponse, Scheme};
 
 /// Used when a request carries `timeout_ms == 0`.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The longest a hub may ask the agent to wait for one answer. The hub's own timeouts are far
+/// shorter; without a cap a buggy or compromised hub could park requests (and their memory)
+/// on the agent for weeks.
+pub const MAX_RESPONSE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The response timeout of a request that asks for `timeout_ms` (0: the default), capped at
+/// [`MAX_RESPONSE_TIMEOUT`], with the milliseconds to report when it runs out.
+pub fn response_timeout(timeout_ms: u32) -> (Duration, u32) {
+    let asked = if timeout_ms == 0 {
+        DEFAULT_RESPONSE_TIMEOUT
+    } else {
+        Duration::from_millis(u64::from(timeout_ms))
+    };
+    let timeout = asked.min(MAX_RESPONSE_TIMEOUT);
+    (
+        timeout,
+        u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+    )
+}
 
 /// An idle connection older than this is closed rather than reused: servers commonly drop idle
 /// connections after about a minute, and a fresh one is cheaper than a failed attempt.
@@ -171,9 +191,42 @@ impl Pool {
 
 /// Progress of one request, so that a timeout can say whether the target never accepted the
 /// connection or never answered.
-const PHASE_WAITING: u8 = 0;
-const PHASE_CONNECTING: u8 = 1;
-const PHASE_EXCHANGING: u8 = 2;
+struct Progress {
+    started: Instant,
+    /// Nanoseconds after `started` at which the connect began; 0 while not connecting.
+    connecting_since: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            started: Instant::now(),
+            connecting_since: AtomicU64::new(0),
+        }
+    }
+
+    fn connecting(&self) {
+        let at = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.connecting_since.store(at.max(1), Ordering::Relaxed);
+    }
+
+    fn exchanging(&self) {
+        self.connecting_since.store(0, Ordering::Relaxed);
+    }
+
+    /// True when the deadline passed during a connect that took the larger share of the
+    /// time: the target did not accept. A request that waited most of its time for a slot
+    /// (other requests holding the target) and had barely begun to connect timed out because
+    /// the target is slow, not unreachable.
+    fn stuck_connecting(&self) -> bool {
+        let since = self.connecting_since.load(Ordering::Relaxed);
+        if since == 0 {
+            return false;
+        }
+        let total = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        total.saturating_sub(since) >= since
+    }
+}
 
 /// The agent-wide allowance for large response bodies: any body may grow to
 /// `unreserved` bytes freely; reading past that waits for one of a few slots shared by every
@@ -280,26 +333,13 @@ impl TargetClient {
     pub async fn forward(&self, req: &ForwardRequest) -> Result<HttpResponse, ForwardError> {
         let prepared = request::prepare(req)?;
         let key = self.conn_key(req)?;
-        let (timeout, timeout_ms) = if req.timeout_ms == 0 {
-            let ms = DEFAULT_RESPONSE_TIMEOUT.as_millis();
-            (
-                DEFAULT_RESPONSE_TIMEOUT,
-                u32::try_from(ms).unwrap_or(u32::MAX),
-            )
-        } else {
-            (
-                Duration::from_millis(u64::from(req.timeout_ms)),
-                req.timeout_ms,
-            )
-        };
-        let phase = AtomicU8::new(PHASE_WAITING);
-        match tokio::time::timeout(timeout, self.exchange(req, &prepared, key, &phase)).await {
+        let (timeout, timeout_ms) = response_timeout(req.timeout_ms);
+        let progress = Progress::new();
+        match tokio::time::timeout(timeout, self.exchange(req, &prepared, key, &progress)).await {
             Ok(result) => result,
-            Err(_) if phase.load(Ordering::Relaxed) == PHASE_CONNECTING => {
-                Err(ForwardError::ConnectTimeout {
-                    addr: self.spec.addr.clone(),
-                })
-            }
+            Err(_) if progress.stuck_connecting() => Err(ForwardError::ConnectTimeout {
+                addr: self.spec.addr.clone(),
+            }),
             Err(_) => Err(ForwardError::ResponseTimeout {
                 addr: self.spec.addr.clone(),
                 timeout_ms,
@@ -335,7 +375,7 @@ impl TargetClient {
         req: &ForwardRequest,
         prepared: &Prepared,
         key: ConnKey,
-        phase: &AtomicU8,
+        progress: &Progress,
     ) -> Result<HttpResponse, ForwardError> {
         let id = req.id;
         let permit = self
@@ -350,7 +390,6 @@ impl TargetClient {
         };
 
         let mut request = prepared.to_request();
-        phase.store(PHASE_EXCHANGING, Ordering::Relaxed);
         while let Some(mut conn) = self.pool.checkout(&key) {
             slot.on(&conn);
             match conn.send.try_send_request(request).await {
@@ -383,11 +422,11 @@ impl TargetClient {
             }
         }
 
-        phase.store(PHASE_CONNECTING, Ordering::Relaxed);
+        progress.connecting();
         let first_bytes = Arc::new(FirstBytes::default());
         let mut conn = self.connect(req, &key, &first_bytes).await?;
         slot.on(&conn);
-        phase.store(PHASE_EXCHANGING, Ordering::Relaxed);
+        progress.exchanging();
         match conn.send.try_send_request(request).await {
             Ok(response) => self.read_response(id, response, conn, key, &mut slot).await,
             Err(failed) => {
@@ -771,5 +810,46 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Sniffing<T> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hub_cannot_ask_for_more_than_the_longest_timeout() {
+        assert_eq!(
+            response_timeout(0),
+            (DEFAULT_RESPONSE_TIMEOUT, 60_000),
+            "0 asks for the default"
+        );
+        assert_eq!(
+            response_timeout(1_500),
+            (Duration::from_millis(1_500), 1_500)
+        );
+        assert_eq!(response_timeout(u32::MAX), (MAX_RESPONSE_TIMEOUT, 300_000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_is_blamed_on_the_connect_only_when_the_connect_took_most_of_it() {
+        let step = Duration::from_secs(1);
+        let connecting_at_once = Progress::new();
+        connecting_at_once.connecting();
+        tokio::time::advance(step).await;
+        assert!(connecting_at_once.stuck_connecting());
+
+        // Waited 9 s for a slot, then 1 s connecting: the target is busy, not unreachable.
+        let waited = Progress::new();
+        tokio::time::advance(9 * step).await;
+        waited.connecting();
+        tokio::time::advance(step).await;
+        assert!(!waited.stuck_connecting());
+
+        let answering = Progress::new();
+        answering.connecting();
+        answering.exchanging();
+        tokio::time::advance(step).await;
+        assert!(!answering.stuck_connecting());
     }
 }

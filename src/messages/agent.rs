@@ -91,6 +91,18 @@ pub struct DialerLimits {
     /// memory held by bodies being read at
     /// `targets × max_in_flight × unreserved_body_bytes + large_bodies × max_response_bytes`.
     pub large_bodies: usize,
+    /// Requests one target may hold at once, running or waiting for a slot; past it a request
+    /// is answered [`ForwardError::Busy`] at once. Bounds how many Forwards a hub (buggy or
+    /// compromised) can make the agent keep.
+    ///
+    /// [`ForwardError::Busy`]: crate::messages::ForwardError::Busy
+    pub max_queued: usize,
+    /// Request bodies one target may hold at once, in bytes, running or waiting; past it a
+    /// request is answered [`ForwardError::Busy`] at once. A frame may carry 16 MiB, so a
+    /// count alone would not bound the memory.
+    ///
+    /// [`ForwardError::Busy`]: crate::messages::ForwardError::Busy
+    pub max_queued_bytes: usize,
 }
 
 impl Default for DialerLimits {
@@ -105,6 +117,8 @@ impl Default for DialerLimits {
             max_idle_per_target: 64,
             unreserved_body_bytes: 1024 * 1024,
             large_bodies: 4,
+            max_queued: 2048,
+            max_queued_bytes: 64 * 1024 * 1024,
         }
     }
 }

@@ -138,6 +138,10 @@ pub enum ForwardError {
     Internal { detail: String },
     #[error("agent is shutting down")]
     ShuttingDown,
+    /// The agent already holds as many requests for this target as it accepts; this one was
+    /// never sent to the target.
+    #[error("target `{name}` already has {queued} requests waiting on the agent")]
+    Busy { name: String, queued: u32 },
 }
 
 /// A `Vec<u8>` as one serde byte string rather than a sequence of `u8`s. bincode encodes both

@@ -187,6 +187,10 @@ fn forward_diagnosis(f: &ForwardError) -> String {
         ForwardError::Internal { detail } => {
             format!("agent internal error ({detail}): see the agent's log")
         }
+        ForwardError::Busy { name, queued } => format!(
+            "the agent is overloaded: target `{name}` already had {queued} requests waiting on \
+             it: lower `concurrency` of the apps that use this target, or add an agent"
+        ),
         ForwardError::ShuttingDown => {
             "the agent is shutting down: the next run goes through another agent or waits for \
              it to come back"

@@ -158,7 +158,8 @@ impl Verdict {
             Err(TransportError::Forward(f)) => match f {
                 ForwardError::ConnectRefused { .. }
                 | ForwardError::ConnectTimeout { .. }
-                | ForwardError::ShuttingDown => Verdict::NotSent,
+                | ForwardError::ShuttingDown
+                | ForwardError::Busy { .. } => Verdict::NotSent,
                 ForwardError::Network { .. }
                 | ForwardError::ResponseTimeout { .. }
                 | ForwardError::Internal { .. } => Verdict::Unknown,
@@ -342,6 +343,17 @@ mod tests {
         let fwd = |f| Err(TransportError::Forward(f));
         assert_eq!(
             Verdict::of(&fwd(ForwardError::ConnectRefused { addr: "a".into() }), now),
+            Verdict::NotSent
+        );
+        // An overloaded agent refused before sending: even a create may go again.
+        assert_eq!(
+            Verdict::of(
+                &fwd(ForwardError::Busy {
+                    name: "a".into(),
+                    queued: 2048
+                }),
+                now
+            ),
             Verdict::NotSent
         );
         assert_eq!(

@@ -638,6 +638,25 @@ impl Deployment {
         }
     }
 
+    /// Waits until the first agent's own `connect status` says connected (exit 0). The hub
+    /// registers an agent a moment before the agent has heard so, so a test that judges the
+    /// agent's view must wait for it too, not only for [`Deployment::wait_for_agent`].
+    pub async fn wait_for_agent_connected(&self) {
+        let ini = self.path("config.ini");
+        let ok = wait_until(
+            "the agent's `connect status` to say connected",
+            REGISTER_TIMEOUT,
+            || {
+                let (code, _, _) = self.status(&ini, false);
+                async move { code == 0 }
+            },
+        )
+        .await;
+        if let Err(e) = ok {
+            panic!("{e}\n{}", self.logs());
+        }
+    }
+
     /// `POST /api/apps/<app>/sync`: runs (or joins) a sync and returns its result, asserting
     /// the API answered 200.
     pub async fn force_sync(&self, app: &str) -> Value {

@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info};
 
 use super::supervisor::AgentSupervisorMsg;
+use crate::display::coarse_duration;
 use crate::messages::agent::{
     AgentReport, ControlMsg, SessionMsg, SessionPhase, SessionStatus, REPORT_VERSION,
 };
@@ -322,7 +323,7 @@ pub fn render(report: &AgentReport) -> String {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let ago = |at: u64| format!("{} ago", human(now.saturating_sub(at)));
+    let ago = |at: u64| format!("{} ago", coarse_duration(now.saturating_sub(at)));
     let s = &report.session;
     let mut out = String::new();
     let _ = writeln!(
@@ -448,16 +449,6 @@ pub fn render(report: &AgentReport) -> String {
         let _ = writeln!(out, "{}", line(&cells));
     }
     out
-}
-
-/// `3s`, `5m 2s`, `2h 3m`, `4d 1h`.
-fn human(secs: u64) -> String {
-    match secs {
-        0..60 => format!("{secs}s"),
-        60..3600 => format!("{}m {}s", secs / 60, secs % 60),
-        3600..86400 => format!("{}h {}m", secs / 3600, secs % 3600 / 60),
-        _ => format!("{}d {}h", secs / 86400, secs % 86400 / 3600),
-    }
 }
 
 #[cfg(test)]

@@ -47,6 +47,8 @@ struct InFlight {
     actor: ActorRef<ForwardMsg>,
     reply: ResponseSink,
     answer: Arc<AnswerOnce>,
+    /// Size of the request body this entry holds, for [`DialerState::queued_bytes`].
+    body_len: usize,
 }
 
 /// A dialer's live state.
@@ -58,6 +60,8 @@ pub struct DialerState {
     counters: Arc<ForwardCounters>,
     in_flight: HashMap<u64, InFlight>,
     by_actor: HashMap<ActorId, u64>,
+    /// Sum of the request bodies of the entries in `in_flight`.
+    queued_bytes: usize,
     forward_restarts: u64,
 }
 
@@ -83,6 +87,51 @@ impl DialerState {
         }
     }
 
+    /// Requests accepted and neither answered nor cancelled. An entry whose answer is claimed
+    /// stays in the table until its Forward has ended (the dialer learns of that through
+    /// supervision, a moment later), but it is no longer in flight.
+    fn in_flight_count(&self) -> usize {
+        self.in_flight
+            .values()
+            .filter(|f| !f.answer.is_claimed())
+            .count()
+    }
+
+    /// Takes request `id` out of the table when actor `actor` is the one working on it: a
+    /// request of the same id accepted after the first was answered or cancelled (the next
+    /// tunnel numbers its requests from 1 again) belongs to another Forward.
+    fn remove_if_run_by(&mut self, id: u64, actor: ActorId) -> Option<InFlight> {
+        match self.in_flight.get(&id) {
+            Some(in_flight) if in_flight.actor.get_id() == actor => {
+                let removed = self.in_flight.remove(&id)?;
+                self.queued_bytes -= removed.body_len;
+                Some(removed)
+            }
+            _ => None,
+        }
+    }
+
+    /// Puts a started Forward in the table. An entry of the same id still there has been
+    /// answered or cancelled (checked before starting): its Forward is ending and is no longer
+    /// looked up by id.
+    fn insert(&mut self, id: u64, in_flight: InFlight) {
+        self.queued_bytes += in_flight.body_len;
+        if let Some(old) = self.in_flight.insert(id, in_flight) {
+            self.queued_bytes -= old.body_len;
+        }
+    }
+
+    /// Why a request of `body_len` bytes cannot be taken now, if it cannot. Entries whose
+    /// Forward is still ending count too: their memory is not free yet.
+    fn over_queue_bound(&self, body_len: usize) -> Option<ForwardError> {
+        let full = self.in_flight.len() >= self.limits.max_queued
+            || self.queued_bytes.saturating_add(body_len) > self.limits.max_queued_bytes;
+        full.then(|| ForwardError::Busy {
+            name: self.name().to_owned(),
+            queued: u32::try_from(self.in_flight.len()).unwrap_or(u32::MAX),
+        })
+    }
+
     fn stats(&self) -> TargetStats {
         let spec = self.client.spec();
         let (forwarded, errors, last_error) = self.counters.snapshot();
@@ -90,7 +139,7 @@ impl DialerState {
             name: spec.name.clone(),
             addr: spec.addr.clone(),
             tls: spec.tls.to_string(),
-            in_flight: self.in_flight.len(),
+            in_flight: self.in_flight_count(),
             forwarded,
             errors,
             last_error,
@@ -106,13 +155,23 @@ impl DialerState {
     ) {
         let id = request.id;
         let answer = Arc::new(AnswerOnce::default());
-        if self.in_flight.contains_key(&id) {
+        if self
+            .in_flight
+            .get(&id)
+            .is_some_and(|f| !f.answer.is_claimed())
+        {
             let error = ForwardError::Refused {
                 reason: format!(
                     "request id {id} is already in flight on target `{}`",
                     self.name()
                 ),
             };
+            self.answer_error(id, &reply, &answer, error);
+            return;
+        }
+        let body_len = request.body.len();
+        if let Some(error) = self.over_queue_bound(body_len) {
+            tracing::warn!(request_id = id, target_name = %self.name(), queued = self.in_flight.len(), "request refused: too many requests held for this target");
             self.answer_error(id, &reply, &answer, error);
             return;
         }
@@ -126,12 +185,13 @@ impl DialerState {
         match Forward::spawn_linked(None, Forward, args, myself.get_cell()).await {
             Ok((actor, _)) => {
                 self.by_actor.insert(actor.get_id(), id);
-                self.in_flight.insert(
+                self.insert(
                     id,
                     InFlight {
                         actor,
                         reply,
                         answer,
+                        body_len,
                     },
                 );
             }
@@ -190,6 +250,7 @@ impl Actor for TargetDialer {
             counters: Arc::default(),
             in_flight: HashMap::new(),
             by_actor: HashMap::new(),
+            queued_bytes: 0,
             forward_restarts: 0,
         })
     }
@@ -263,7 +324,7 @@ impl Actor for TargetDialer {
                 state.forward_restarts += 1;
                 let detail = one_line(&format!("forward of request {id} failed: {err}"));
                 tracing::warn!(request_id = id, target_name = %state.name(), detail = %detail, "forward failed; answering with an internal error");
-                if let Some(in_flight) = state.in_flight.remove(&id) {
+                if let Some(in_flight) = state.remove_if_run_by(id, cell.get_id()) {
                     state.answer_error(
                         id,
                         &in_flight.reply,
@@ -276,7 +337,7 @@ impl Actor for TargetDialer {
                 let Some(id) = state.by_actor.remove(&cell.get_id()) else {
                     return Ok(());
                 };
-                if let Some(in_flight) = state.in_flight.remove(&id) {
+                if let Some(in_flight) = state.remove_if_run_by(id, cell.get_id()) {
                     let detail = format!(
                         "forward of request {id} ended without an answer ({})",
                         reason.as_deref().unwrap_or("no reason given")

@@ -39,6 +39,12 @@ impl AnswerOnce {
     pub fn claim(&self) -> bool {
         !self.0.swap(true, Ordering::AcqRel)
     }
+
+    /// True once someone answered, or a Cancel decided that nobody will: the request is no
+    /// longer in flight, although its Forward may still be ending.
+    pub fn is_claimed(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 /// Outcome counters of one target, shared by its dialer and its forwards.

@@ -1157,3 +1157,145 @@ async fn dead_pooled_connection_is_replaced_without_failing_the_request() {
         .expect("second request on a fresh connection");
     assert_eq!(server.accepted(), 2);
 }
+
+#[tokio::test]
+async fn a_cancelled_request_stops_counting_in_flight_at_once() {
+    let mut server = serve(handler(|_| Reply::Hang), None).await;
+    let agent = agent(vec![spec("app", server.addr)], DialerLimits::default()).await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    agent
+        .dialers
+        .route(get(9, "app", "app.internal", "/Users"), tx);
+    server.next_seen().await;
+    assert_eq!(agent.stats("app").await.in_flight, 1);
+    agent.dialers.cancel(9);
+    // The dialer reads the Cancel before the Stats; the forward it killed may still be ending.
+    assert_eq!(agent.stats("app").await.in_flight, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_request_stops_counting_in_flight_at_once() {
+    let server = serve(handler(|_| Reply::KeepAlive(ok(b"ok"))), None).await;
+    let agent = agent(vec![spec("app", server.addr)], DialerLimits::default()).await;
+    for id in 0..200 {
+        agent
+            .send(get(id, "app", "app.internal", "/Users"))
+            .await
+            .expect("forwarded");
+        assert_eq!(agent.stats("app").await.in_flight, 0, "request {id}");
+    }
+}
+
+#[tokio::test]
+async fn an_id_is_free_again_once_its_request_is_cancelled() {
+    // A restarted Session numbers its requests from 1 again, right after cancelling those of
+    // the dead tunnel: the new request must not be refused while the old forward is ending.
+    let mut server = serve(
+        handler(|seen| {
+            if seen.path.contains("/hang") {
+                Reply::Hang
+            } else {
+                Reply::Close(ok(b"fresh"))
+            }
+        }),
+        None,
+    )
+    .await;
+    let agent = agent(vec![spec("app", server.addr)], DialerLimits::default()).await;
+    let (tx, mut old) = mpsc::unbounded_channel();
+    agent
+        .dialers
+        .route(get(1, "app", "app.internal", "/hang"), tx);
+    server.next_seen().await;
+    agent.dialers.cancel(1);
+    let fresh = agent
+        .send(get(1, "app", "app.internal", "/Users"))
+        .await
+        .expect("the cancelled request is out of the way");
+    assert_eq!(fresh.body, b"fresh");
+    let next = tokio::time::timeout(WAIT, old.recv()).await.unwrap();
+    assert!(next.is_none(), "cancelled request was answered: {next:?}");
+    let stats = agent.stats("app").await;
+    assert_eq!((stats.in_flight, stats.forwarded, stats.errors), (0, 1, 0));
+}
+
+#[tokio::test]
+async fn requests_past_the_queue_bound_are_refused_at_once() {
+    let mut server = serve(handler(|_| Reply::Hang), None).await;
+    let limits = DialerLimits {
+        max_in_flight: 1,
+        max_queued: 3,
+        ..DialerLimits::default()
+    };
+    let agent = agent(vec![spec("app", server.addr)], limits).await;
+    let (tx, mut held) = mpsc::unbounded_channel();
+    for id in 1..=3 {
+        agent
+            .dialers
+            .route(get(id, "app", "app.internal", "/Users"), tx.clone());
+    }
+    server.next_seen().await;
+    match agent.send(get(4, "app", "app.internal", "/Users")).await {
+        Err(ForwardError::Busy { name, queued }) => assert_eq!((name.as_str(), queued), ("app", 3)),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    assert_eq!(server.accepted(), 1, "a refused request never connects");
+    // Once one of the held requests is gone, there is room again.
+    agent.dialers.cancel(3);
+    let (tx4, mut rx4) = mpsc::unbounded_channel();
+    let mut accepted = get(5, "app", "app.internal", "/Users");
+    accepted.timeout_ms = 200;
+    let answer = tokio::time::timeout(WAIT, async {
+        loop {
+            agent.dialers.route(accepted.clone(), tx4.clone());
+            let answer = rx4.recv().await.unwrap();
+            // The cancelled Forward may still be ending when the first attempt arrives.
+            if !matches!(answer.result, Err(ForwardError::Busy { .. })) {
+                break answer;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("room again after a cancel");
+    assert!(
+        matches!(answer.result, Err(ForwardError::ResponseTimeout { .. })),
+        "it waited for the slot: {:?}",
+        answer.result
+    );
+    assert!(
+        held.try_recv().is_err(),
+        "the held requests are still in flight"
+    );
+}
+
+#[tokio::test]
+async fn request_bodies_past_the_byte_bound_are_refused_at_once() {
+    let mut server = serve(handler(|_| Reply::Hang), None).await;
+    let limits = DialerLimits {
+        max_in_flight: 1,
+        max_queued_bytes: 1000,
+        ..DialerLimits::default()
+    };
+    let agent = agent(vec![spec("app", server.addr)], limits).await;
+    let (tx, _held) = mpsc::unbounded_channel();
+    let mut first = get(1, "app", "app.internal", "/Users");
+    first.method = "POST".into();
+    first.body = vec![b'a'; 600];
+    agent.dialers.route(first, tx);
+    server.next_seen().await;
+    let mut second = get(2, "app", "app.internal", "/Users");
+    second.method = "POST".into();
+    second.body = vec![b'b'; 600];
+    assert!(matches!(
+        agent.send(second).await,
+        Err(ForwardError::Busy { .. })
+    ));
+    // A small one still fits beside the first.
+    let mut small = get(3, "app", "app.internal", "/Users");
+    small.timeout_ms = 100;
+    assert!(matches!(
+        agent.send(small).await,
+        Err(ForwardError::ResponseTimeout { .. })
+    ));
+}

@@ -87,22 +87,10 @@ pub(super) async fn list(
         Some((FilterAttr::Id, v)) => s.resource.id.as_deref() == Some(v.as_str()),
         Some((FilterAttr::UserName | FilterAttr::Value, _)) => false,
     };
-    let total = store.groups.values().filter(matches).count();
-    let page: Vec<Value> = store
-        .groups
-        .values()
-        .filter(matches)
-        .skip(start - 1)
-        .take(count)
-        .map(|s| render(s, &store, &base))
-        .collect();
+    let body = list_page(store.groups.values().filter(matches), start, count, |s| {
+        render(s, &store, &base)
+    });
     drop(store);
-    let body = ListResponse {
-        total_results: total as u64,
-        start_index: Some(start as u64),
-        items_per_page: Some(page.len() as u64),
-        resources: page,
-    };
     Ok(scim_response(StatusCode::OK, &body))
 }
 
