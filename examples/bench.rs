@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use scim_connect::actors;
@@ -36,6 +35,7 @@ use scim_connect::config::directory::{
 };
 use scim_connect::config::hub::HubConfig;
 use scim_connect::config::Secret;
+use scim_connect::demo::run::{free_port, random_token};
 use scim_connect::demo::scim_server::DemoScimServer;
 use scim_connect::messages::hub::RunSummary;
 
@@ -153,18 +153,6 @@ async fn main() {
         eprintln!("bench: {e}");
         std::process::exit(1);
     }
-}
-
-fn random_token() -> String {
-    let bytes: [u8; 16] = rand::rng().random();
-    hex::encode(bytes)
-}
-
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("cannot find a free loopback port: {e}"))
 }
 
 fn ports(count: usize) -> Result<(), String> {

@@ -433,12 +433,15 @@ fn change_directory(directory: &mut Directory) -> String {
     format!("{renamed_text}; {leaver} removed from every group; {newcomer_id} added to sales")
 }
 
-fn random_token() -> String {
+/// A fresh random secret (service id, tokens) of 32 hex digits, for throw-away loopback
+/// deployments: the demo and the benchmarks.
+pub fn random_token() -> String {
     let bytes: [u8; 16] = rand::rng().random();
     hex::encode(bytes)
 }
 
-fn free_port() -> Result<u16, String> {
+/// A loopback port free at the time of asking.
+pub fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
