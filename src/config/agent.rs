@@ -973,7 +973,7 @@ mod tests {
     use super::*;
     use std::fs;
 
-    const ID: &str = "2jy34wpcohrhdytr6hutym6qfi2l7nnw";
+    const ID: &str = "test-service-id-0123456789abcdef";
 
     fn p() -> PathBuf {
         PathBuf::from("/etc/connect/config.ini")
@@ -1475,7 +1475,7 @@ mod tests {
     // ---- set-target ----
 
     const ORIGINAL: &str = "# Agent config, keep comments!\n\
-service_id = 2jy34wpcohrhdytr6hutym6qfi2l7nnw   # from the platform\n\
+service_id = test-service-id-0123456789abcdef   # from the platform\n\
 hub = wss://hub.example.com/v1/connect\n\
 \n\
 ; the CRM\n\
@@ -1544,16 +1544,16 @@ addr = hr.local:8443   # port 8443\n\
     #[test]
     fn set_target_append_handles_missing_final_newline_and_crlf() {
         let (_dir, conf) =
-            write_conf("service_id = 2jy34wpcohrhdytr6hutym6qfi2l7nnw\r\nhub = wss://h/\r\n\r\n");
+            write_conf("service_id = test-service-id-0123456789abcdef\r\nhub = wss://h/\r\n\r\n");
         set_target(&conf, &change("a", "h:1", false)).unwrap();
         assert_eq!(
             fs::read_to_string(&conf).unwrap(),
-            "service_id = 2jy34wpcohrhdytr6hutym6qfi2l7nnw\r\nhub = wss://h/\r\n\r\n[target.a]\r\naddr = h:1\r\nalways_tls = false\r\nno_tls = false\r\ninsecure_allow_skip_tls_check = false\r\n"
+            "service_id = test-service-id-0123456789abcdef\r\nhub = wss://h/\r\n\r\n[target.a]\r\naddr = h:1\r\nalways_tls = false\r\nno_tls = false\r\ninsecure_allow_skip_tls_check = false\r\n"
         );
         let (_dir, conf) =
-            write_conf("service_id = 2jy34wpcohrhdytr6hutym6qfi2l7nnw\nhub = wss://h/");
+            write_conf("service_id = test-service-id-0123456789abcdef\nhub = wss://h/");
         set_target(&conf, &change("a", "h:1", false)).unwrap();
-        assert!(fs::read_to_string(&conf).unwrap().starts_with("service_id = 2jy34wpcohrhdytr6hutym6qfi2l7nnw\nhub = wss://h/\n\n[target.a]\naddr = h:1\n"));
+        assert!(fs::read_to_string(&conf).unwrap().starts_with("service_id = test-service-id-0123456789abcdef\nhub = wss://h/\n\n[target.a]\naddr = h:1\n"));
     }
 
     #[test]
