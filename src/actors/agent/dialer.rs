@@ -457,34 +457,24 @@ impl Dialers {
                 .get(&spec.name)
                 .filter(|a| ractor::ACTIVE_STATES.contains(&a.get_status()))
                 .cloned();
-            match running {
-                Some(actor) => {
-                    if let Err(MessagingErr::SendErr(DialerMsg::Update(spec))) =
-                        actor.send_message(DialerMsg::Update(spec))
-                    {
-                        let name = spec.name.clone();
-                        let actor = spawn_dialer(
-                            spec,
-                            limits.clone(),
-                            large_bodies.clone(),
-                            supervisor.clone(),
-                        )
-                        .await?;
-                        self.by_name.insert(name, actor);
-                    }
-                }
-                None => {
-                    let name = spec.name.clone();
-                    let actor = spawn_dialer(
-                        spec,
-                        limits.clone(),
-                        large_bodies.clone(),
-                        supervisor.clone(),
-                    )
-                    .await?;
-                    self.by_name.insert(name, actor);
-                }
-            }
+            // A running dialer takes the update; one that is gone (or stops as the update
+            // arrives, handing it back) is replaced by a new one.
+            let spec = match running {
+                Some(actor) => match actor.send_message(DialerMsg::Update(spec)) {
+                    Err(MessagingErr::SendErr(DialerMsg::Update(spec))) => spec,
+                    _ => continue,
+                },
+                None => spec,
+            };
+            let name = spec.name.clone();
+            let actor = spawn_dialer(
+                spec,
+                limits.clone(),
+                large_bodies.clone(),
+                supervisor.clone(),
+            )
+            .await?;
+            self.by_name.insert(name, actor);
         }
         Ok(())
     }
