@@ -30,9 +30,7 @@ use scim_connect::actors;
 use scim_connect::admin_client;
 use scim_connect::certs::{write_pem_files, TestCa};
 use scim_connect::config::agent::AgentConfig;
-use scim_connect::config::directory::{
-    DirGroup, DirUser, Directory, Email, Member, MemberKind, PersonName,
-};
+use scim_connect::config::directory::{DirGroup, DirUser, Directory, Member, MemberKind};
 use scim_connect::config::hub::HubConfig;
 use scim_connect::config::Secret;
 use scim_connect::demo::run::{free_port, random_token};
@@ -304,27 +302,16 @@ fn bench_directory(users: usize, groups: usize) -> Directory {
         .collect();
     let dir_users = (0..users)
         .map(|i| {
-            let user_name = format!("user{i:06}@example.org");
             dir_groups[i % groups].members.push(Member {
                 value: format!("u{i:06}"),
                 kind: MemberKind::User,
             });
-            DirUser {
-                id: format!("u{i:06}"),
-                user_name: user_name.clone(),
-                display_name: Some(format!("User {i}")),
-                name: Some(PersonName {
-                    given_name: Some("User".into()),
-                    family_name: Some(format!("N{i}")),
-                    formatted: Some(format!("User N{i}")),
-                }),
-                emails: vec![Email {
-                    value: user_name,
-                    kind: Some("work".into()),
-                    primary: true,
-                }],
-                active: true,
-            }
+            DirUser::person(
+                format!("u{i:06}"),
+                format!("user{i:06}@example.org"),
+                "User",
+                &format!("N{i}"),
+            )
         })
         .collect();
     Directory {

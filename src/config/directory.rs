@@ -68,6 +68,31 @@ pub struct DirUser {
     pub active: bool,
 }
 
+impl DirUser {
+    /// An active person with id `id` whose login is also their one (primary, work) email,
+    /// and whose display name is `given family`: the shape of the generated directories of
+    /// the demo and the benchmarks.
+    pub fn person(id: String, login: String, given: &str, family: &str) -> DirUser {
+        let full = format!("{given} {family}");
+        DirUser {
+            id,
+            user_name: login.clone(),
+            display_name: Some(full.clone()),
+            name: Some(PersonName {
+                given_name: Some(given.to_owned()),
+                family_name: Some(family.to_owned()),
+                formatted: Some(full),
+            }),
+            emails: vec![Email {
+                value: login,
+                kind: Some("work".into()),
+                primary: true,
+            }],
+            active: true,
+        }
+    }
+}
+
 /// SCIM `name` complex attribute.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

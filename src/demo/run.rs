@@ -18,9 +18,7 @@ use crate::actors;
 use crate::admin_client;
 use crate::certs::{write_pem_files, TestCa};
 use crate::config::agent::AgentConfig;
-use crate::config::directory::{
-    DirGroup, DirUser, Directory, Email, Member, MemberKind, PersonName,
-};
+use crate::config::directory::{DirGroup, DirUser, Directory, Member, MemberKind, PersonName};
 use crate::config::hub::HubConfig;
 use crate::messages::hub::RunSummary;
 
@@ -367,27 +365,12 @@ fn user_id(i: usize) -> String {
 }
 
 fn person(i: usize, given: &str, family: &str) -> DirUser {
-    let user_name = format!(
+    let login = format!(
         "{}.{}{i}@example.com",
         given.to_lowercase(),
         family.to_lowercase()
     );
-    DirUser {
-        id: user_id(i),
-        user_name: user_name.clone(),
-        display_name: Some(format!("{given} {family}")),
-        name: Some(PersonName {
-            given_name: Some(given.to_string()),
-            family_name: Some(family.to_string()),
-            formatted: Some(format!("{given} {family}")),
-        }),
-        emails: vec![Email {
-            value: user_name,
-            kind: Some("work".into()),
-            primary: true,
-        }],
-        active: true,
-    }
+    DirUser::person(user_id(i), login, given, family)
 }
 
 /// One rename, one user out of every granted group, one newcomer in a granted group.
