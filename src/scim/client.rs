@@ -468,8 +468,10 @@ impl ScimClient {
             method: method.to_string(),
             path: path.to_string(),
             status: response.status,
-            scim_type: error.scim_type.filter(|s| !s.is_empty()),
-            detail: error.detail.filter(|s| !s.is_empty()),
+            scim_type: error
+                .scim_type
+                .and_then(|t| server_text(&t, MAX_SCIM_TYPE_CHARS)),
+            detail: error.detail.and_then(|d| server_text(&d, MAX_DETAIL_CHARS)),
         })
     }
 
@@ -534,17 +536,28 @@ fn parse<T: DeserializeOwned>(response: &ScimResponse, path: &str) -> Result<T, 
 
 /// The start of a body, printable, for error messages about bodies that are not SCIM JSON.
 fn body_snippet(body: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(body);
+    server_text(&String::from_utf8_lossy(body), MAX_SNIPPET_CHARS)
+}
+
+/// Longest `scimType`, `detail` and non-JSON body snippet quoted from a server's error.
+const MAX_SCIM_TYPE_CHARS: usize = 120;
+const MAX_DETAIL_CHARS: usize = 500;
+const MAX_SNIPPET_CHARS: usize = 120;
+
+/// What a server said, fit to be quoted in the one line an administrator reads: trimmed,
+/// control characters (a JSON `\n` decodes to a real newline) turned to spaces, at most
+/// `limit` characters; `None` when nothing is left.
+fn server_text(text: &str, limit: usize) -> Option<String> {
     let text = text.trim();
     if text.is_empty() {
         return None;
     }
-    let snippet: String = text
-        .chars()
-        .take(120)
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    Some(snippet)
+    Some(
+        text.chars()
+            .take(limit)
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -1090,6 +1103,39 @@ pub(crate) mod tests {
 
     fn scripted_client(t: &Arc<Scripted>) -> ScimClient {
         ScimClient::new(t.clone(), "/scim/v2".into(), None, 100)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_the_server_said_is_quoted_on_one_line() {
+        // Found by fuzz/fuzz_targets/scim_response.rs: a JSON "\n" in scimType became a line
+        // break in the Last Sync message.
+        let conflict = Ok(ScimResponse {
+            status: 409,
+            headers: vec![],
+            body: br#"{"scimType":"uniqu\ness","detail":"userName\r\ntaken"}"#.to_vec(),
+        });
+        let t = Scripted::new(vec![conflict], json!({}));
+        let err = scripted_client(&t).patch_user("u1", &[]).await.unwrap_err();
+        let ScimError::Status {
+            scim_type, detail, ..
+        } = &err
+        else {
+            panic!("{err:?}");
+        };
+        assert_eq!(scim_type.as_deref(), Some("uniqu ess"));
+        assert_eq!(detail.as_deref(), Some("userName  taken"));
+        assert!(
+            !err.diagnosis().contains(['\n', '\r']),
+            "{}",
+            err.diagnosis()
+        );
+        assert_eq!(server_text(" \t ", 10), None);
+        assert_eq!(
+            server_text(&"x".repeat(600), MAX_DETAIL_CHARS)
+                .unwrap()
+                .len(),
+            500
+        );
     }
 
     #[tokio::test(start_paused = true)]
